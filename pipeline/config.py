@@ -1,0 +1,192 @@
+"""Typed, validated params: every section of params.yaml as a frozen pydantic model.
+
+An unknown key or a bad value fails on load, before any work, with a message that names
+the key, what is accepted and what was given.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.backbones import BACKBONE_NAMES
+
+SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
+HEADS = ("logreg", "linear_svm", "knn", "random_forest", "dense")
+REDUCTION_PATTERN = re.compile(r"^(none|avg|max|grid[1-9])$")
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid: the message names the key, what is accepted and what was given."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DataConfig(_Section):
+    source: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder"] = "digits"
+    path: Optional[str] = None
+    size: int = Field(224, ge=8, le=1024)
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
+    limit: Optional[int] = Field(None, ge=2)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    on_bad_image: Literal["skip", "fail"] = "skip"
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "val_fraction + test_fraction must be < 1, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        if self.source == "folder" and not self.path:
+            raise ValueError("source 'folder' needs data.path, the directory of class folders")
+        return self
+
+
+class BackboneConfig(_Section):
+    name: str = "vgg16"
+    weights: str = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in BACKBONE_NAMES:
+            raise ValueError(f"unknown backbone {v!r}; accepted: {', '.join(BACKBONE_NAMES)}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if v not in ("auto", "imagenet", "random") and not Path(v).is_file():
+            raise ValueError(
+                f"weights must be 'auto', 'imagenet', 'random' or the path of a weights file; "
+                f"got {v!r}, which is none of these and no such file exists"
+            )
+        return v
+
+
+class ExtractConfig(_Section):
+    layers: dict[str, str] = {"block2_pool": "avg", "block5_pool": "avg", "fc2": "none"}
+    batch_size: int = Field(32, ge=1)
+    storage_dtype: Literal["float16", "float32"] = "float16"
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+
+    @field_validator("layers")
+    @classmethod
+    def _reductions(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("at least one layer is needed")
+        for layer, red in v.items():
+            if not isinstance(red, str) or not REDUCTION_PATTERN.match(red):
+                raise ValueError(
+                    f"reduction of layer {layer!r} must be one of none, avg, max, grid1..grid9; "
+                    f"got {red!r}"
+                )
+        return v
+
+
+class LogregConfig(_Section):
+    C: float = Field(1.0, gt=0)
+    max_iter: int = Field(1000, ge=1)
+
+
+class LinearSvmConfig(_Section):
+    C: float = Field(1.0, gt=0)
+    max_iter: int = Field(5000, ge=1)
+
+
+class KnnConfig(_Section):
+    n_neighbors: int = Field(5, ge=1)
+    weights: Literal["uniform", "distance"] = "distance"
+
+
+class RandomForestConfig(_Section):
+    n_estimators: int = Field(200, ge=1)
+    max_depth: Optional[int] = Field(None, ge=1)
+
+
+class DenseConfig(_Section):
+    hidden: list[int] = [256]
+    dropout: float = Field(0.5, ge=0, lt=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: int = Field(50, ge=1)
+    patience: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class TrainConfig(_Section):
+    layers: list[str] = ["block2_pool", "block5_pool", "fc2"]
+    heads: list[Literal["logreg", "linear_svm", "knn", "random_forest", "dense"]] = list(HEADS)
+    seed: int = 0
+    max_memory_mb: int = Field(2048, ge=1)
+    logreg: LogregConfig = LogregConfig()
+    linear_svm: LinearSvmConfig = LinearSvmConfig()
+    knn: KnnConfig = KnnConfig()
+    random_forest: RandomForestConfig = RandomForestConfig()
+    dense: DenseConfig = DenseConfig()
+
+
+class SelectConfig(_Section):
+    metric: Literal["val_accuracy", "val_macro_f1"] = "val_accuracy"
+
+
+class FinetuneConfig(_Section):
+    enabled: bool = False
+    unfreeze: Optional[str] = None
+    learning_rate: float = Field(1e-5, gt=0)
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    augment: bool = False
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+
+
+class Params(_Section):
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    extract: ExtractConfig = ExtractConfig()
+    train: TrainConfig = TrainConfig()
+    select: SelectConfig = SelectConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = error["loc"][:-1]
+        model = Params
+        for part in parent:
+            model = model.model_fields[part].annotation
+        accepted = ", ".join(model.model_fields)
+        return f"unknown key {key!r}; accepted keys here: {accepted}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def parse_params(raw: dict) -> Params:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError("invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the project root, where params.yaml lives")
+    with path.open() as f:
+        raw = yaml.safe_load(f)
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw)

@@ -1,0 +1,353 @@
+"""Image sources (bundled digits, keras.datasets, image folders), stratified splits, decoding.
+
+Everything ends as uint8 RGB arrays of one size, decoded and resized once.
+"""
+
+from __future__ import annotations
+
+import json
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from pipeline.config import DataConfig
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+KERAS_SETS = {
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "cifar100": [str(i) for i in range(100)],
+    "mnist": [str(i) for i in range(10)],
+    "fashion_mnist": [
+        "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+    ],
+}
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class DataError(ValueError):
+    """The data source cannot give a usable data set; the message says what to fix."""
+
+
+@dataclass
+class Split:
+    """One split before decoding: in-memory images or file paths, with labels and ids."""
+
+    labels: np.ndarray
+    images: np.ndarray | None = None  # (n, h, w) or (n, h, w, c) uint8
+    paths: list[Path] | None = None
+    ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Decoded splits: images (n, size, size, 3) uint8, labels, ids; plus skipped files."""
+
+    class_names: list[str]
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    ids: dict[str, list[str]]
+    skipped: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _stratified(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int, what: str):
+    try:
+        return train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed)
+    except ValueError as exc:
+        counts = np.bincount(labels[idx])
+        raise DataError(
+            f"cannot carve a stratified {what} split ({fraction:.0%}) from {len(idx)} images "
+            f"with per-class counts {counts.tolist()}: {exc}. Add images or change the fractions."
+        ) from exc
+
+
+def split_indices(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Seeded, stratified train/val/test indices over one pool of labelled items."""
+    idx = np.arange(len(labels))
+    rest, test = _stratified(idx, labels, cfg.test_fraction, cfg.seed, "test")
+    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+    train, val = _stratified(rest, labels, val_share, cfg.seed, "val")
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A stratified subset of `n` indices (all of them when n >= len)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed)
+    return np.sort(keep)
+
+
+def _limit(splits: dict[str, Split], limit: int | None, seed: int) -> dict[str, Split]:
+    """Apply data.limit over all splits together, each keeping its share."""
+    total = sum(len(s.labels) for s in splits.values())
+    if not limit or limit >= total:
+        return splits
+    out = {}
+    for name, s in splits.items():
+        keep = subsample(s.labels, max(len(np.unique(s.labels)), round(len(s.labels) * limit / total)), seed)
+        out[name] = Split(
+            labels=s.labels[keep],
+            images=None if s.images is None else s.images[keep],
+            paths=None if s.paths is None else [s.paths[i] for i in keep],
+            ids=[s.ids[i] for i in keep],
+        )
+    return out
+
+
+# ---------------------------------------------------------------- sources
+
+
+def digits_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), as uint8 grey."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    keep = subsample(labels, cfg.limit, cfg.seed) if cfg.limit else np.arange(len(labels))
+    images, labels = images[keep], labels[keep]
+    parts = split_indices(labels, cfg)
+    splits = {
+        name: Split(labels=labels[i], images=images[i], ids=[f"digits:{keep[j]}" for j in i])
+        for name, i in parts.items()
+    }
+    return [str(d) for d in range(10)], splits
+
+
+def keras_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
+    """A keras.datasets set: its own train/test; val carved from train, stratified."""
+    import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, cfg.source).load_data()
+    except Exception as exc:
+        raise DataError(
+            f"data.source={cfg.source}: could not download it ({exc}). keras.datasets needs "
+            f"internet on first use and then caches under ~/.keras/datasets; offline, use "
+            f"data.source=digits or an image folder (data.source=folder, data.path=...)."
+        ) from exc
+    y_train, y_test = y_train.reshape(-1).astype(np.int64), y_test.reshape(-1).astype(np.int64)
+    idx = np.arange(len(y_train))
+    train, val = _stratified(idx, y_train, cfg.val_fraction, cfg.seed, "val")
+    splits = {
+        "train": Split(y_train[train], x_train[train], ids=[f"train:{i}" for i in train]),
+        "val": Split(y_train[val], x_train[val], ids=[f"train:{i}" for i in val]),
+        "test": Split(y_test, x_test, ids=[f"test:{i}" for i in range(len(y_test))]),
+    }
+    return KERAS_SETS[cfg.source], _limit(splits, cfg.limit, cfg.seed)
+
+
+def _class_files(directory: Path) -> dict[str, list[Path]]:
+    classes = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {
+        c.name: sorted(f for f in c.rglob("*") if f.is_file() and not f.name.startswith("."))
+        for c in classes
+    }
+
+
+def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
+    """A directory of class folders, flat or with train/ [val/|validation/] [test/] inside."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"data.path={cfg.path!r} is not a directory")
+    sub = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    presplit = "train" in sub
+    if presplit:
+        folders = {"train": sub["train"], "val": sub.get("val", sub.get("validation")), "test": sub.get("test")}
+    else:
+        folders = {"all": root}
+    files = {name: _class_files(d) for name, d in folders.items() if d is not None}
+    first = files["train" if presplit else "all"]
+    class_names = sorted(first)
+    if len(class_names) < 2:
+        raise DataError(
+            f"{folders['train' if presplit else 'all']} needs at least two class folders, "
+            f"found {class_names or 'none'}"
+        )
+    for name, per_class in files.items():
+        empty = [c for c in class_names if not per_class.get(c)]
+        if empty and (name in ("all", "train")):
+            raise DataError(f"empty class folder(s) in {folders[name]}: {', '.join(empty)}")
+        extra = sorted(set(per_class) - set(class_names))
+        if extra:
+            raise DataError(f"{folders[name]} has classes not in the training set: {', '.join(extra)}")
+
+    def pool(per_class: dict[str, list[Path]]) -> Split:
+        paths = [f for c in class_names for f in per_class.get(c, [])]
+        labels = np.array([i for i, c in enumerate(class_names) for _ in per_class.get(c, [])], np.int64)
+        return Split(labels=labels, paths=paths, ids=[str(p.relative_to(root)) for p in paths])
+
+    def take(s: Split, i: np.ndarray) -> Split:
+        return Split(s.labels[i], paths=[s.paths[j] for j in i], ids=[s.ids[j] for j in i])
+
+    if not presplit:
+        everything = pool(files["all"])
+        if cfg.limit:
+            everything = take(everything, subsample(everything.labels, cfg.limit, cfg.seed))
+        return class_names, {k: take(everything, i) for k, i in split_indices(everything.labels, cfg).items()}
+    splits = {name: pool(files[name]) for name in files}
+    train = splits["train"]
+    idx = np.arange(len(train.labels))
+    if "test" not in splits:
+        idx, test = _stratified(idx, train.labels, cfg.test_fraction, cfg.seed, "test")
+        splits["test"] = take(train, np.sort(test))
+    if "val" not in splits:
+        share = cfg.val_fraction / (1 - cfg.test_fraction) if "test" not in files else cfg.val_fraction
+        idx, val = _stratified(idx, train.labels, share, cfg.seed, "val")
+        splits["val"] = take(train, np.sort(val))
+    splits["train"] = take(train, np.sort(idx))
+    return class_names, _limit({k: splits[k] for k in SPLITS}, cfg.limit, cfg.seed)
+
+
+def load_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
+    if cfg.source == "digits":
+        return digits_source(cfg)
+    if cfg.source == "folder":
+        return folder_source(cfg)
+    return keras_source(cfg)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (grey, 16-bit, float, palette, alpha, CMYK) to 8-bit RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            a = a / 257.0
+        elif a.max() > 255 or a.min() < 0:
+            a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, size: int, interpolation: str) -> np.ndarray:
+    return np.asarray(to_rgb(img).resize((size, size), RESAMPLE[interpolation]), dtype=np.uint8)
+
+
+def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
+    """Decode one image file; raise ValueError with a short reason when it cannot be used."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return resize(img, size, interpolation)
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can identify") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"unreadable or truncated image: {exc}") from None
+
+
+def decode_split(name: str, split: Split, cfg: DataConfig, workers: int = 4) -> tuple[np.ndarray, np.ndarray, list[str], list[dict]]:
+    """Decode and resize a split once; return images, labels, ids and the skipped files."""
+    size = cfg.size
+    if split.images is not None:
+        out = np.empty((len(split.labels), size, size, 3), np.uint8)
+        for i, a in enumerate(tqdm(split.images, desc=f"resize {name}", unit="img", leave=False)):
+            out[i] = resize(Image.fromarray(np.asarray(a, np.uint8)), size, cfg.interpolation)
+        return out, split.labels, split.ids, []
+
+    def work(path: Path):
+        try:
+            return decode_file(path, size, cfg.interpolation), None
+        except ValueError as exc:
+            return None, str(exc)
+
+    keep, images, skipped = [], [], []
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(work, split.paths)
+        for i, (img, reason) in enumerate(tqdm(results, total=len(split.paths), desc=f"decode {name}", unit="img")):
+            if img is None:
+                if cfg.on_bad_image == "fail":
+                    raise DataError(f"{split.paths[i]}: {reason} (data.on_bad_image=fail)")
+                skipped.append({"path": split.ids[i], "split": name, "reason": reason})
+            else:
+                keep.append(i)
+                images.append(img)
+    out = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
+    return out, split.labels[keep], [split.ids[i] for i in keep], skipped
+
+
+def prepare(cfg: DataConfig) -> Prepared:
+    class_names, splits = load_source(cfg)
+    result = Prepared(class_names, {}, {}, {})
+    for name in SPLITS:
+        images, labels, ids, skipped = decode_split(name, splits[name], cfg)
+        result.images[name], result.labels[name], result.ids[name] = images, labels, ids
+        result.skipped += skipped
+    counts = np.bincount(result.labels["train"], minlength=len(class_names))
+    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(f"no usable training images left for class(es): {', '.join(empty)}")
+    for name in SPLITS:
+        if len(result.labels[name]) == 0:
+            raise DataError(f"the {name} split is empty: add images or change the fractions")
+    return result
+
+
+# ---------------------------------------------------------------- on disk
+
+
+def save_prepared(p: Prepared, out: Path) -> dict:
+    """Write data/prepared/: <split>_images.npy, <split>_labels.npy, manifest, report, meta."""
+    out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        for kind, array in (("images", p.images[name]), ("labels", p.labels[name].astype(np.int32))):
+            np.save(out / f"{name}_{kind}.npy", array)
+            digest.update(name.encode() + kind.encode() + np.ascontiguousarray(array).tobytes())
+    with (out / "manifest.csv").open("w") as f:
+        f.write("split,index,label,source\n")
+        for name in SPLITS:
+            for i, (label, src) in enumerate(zip(p.labels[name], p.ids[name])):
+                f.write(f"{name},{i},{p.class_names[label]},{json.dumps(src)}\n")
+    meta = {
+        "class_names": p.class_names,
+        "counts": {name: int(len(p.labels[name])) for name in SPLITS},
+        "size": int(p.images["train"].shape[1]),
+        "sha256": digest.hexdigest(),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps({"skipped": p.skipped, "n_skipped": len(p.skipped)}, indent=2) + "\n")
+    return meta
+
+
+def load_meta(directory: Path) -> dict:
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `dvc repro prepare` first")
+    return json.loads(path.read_text())
+
+
+def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped images and labels of one prepared split (never decoded again)."""
+    directory = Path(directory)
+    return (
+        np.load(directory / f"{split}_images.npy", mmap_mode="r"),
+        np.load(directory / f"{split}_labels.npy"),
+    )

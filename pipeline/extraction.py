@@ -1,0 +1,71 @@
+"""One forward pass over prepared images, every requested layer streamed into the store."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.store import TARGET_CHUNK_BYTES, ChunkWriter, fingerprint_key
+
+
+def versions() -> dict:
+    import h5py
+    import keras
+
+    return {"keras": keras.__version__, "backend": keras.backend.backend(), "h5py": h5py.__version__}
+
+
+def predict_batches(model, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Outputs of `model` on uint8 `images`, in fixed-shape batches (the last one padded)."""
+    outs: list[list[np.ndarray]] = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size])
+        n = len(batch)
+        if n < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+        result = model.predict_on_batch(batch)
+        result = result if isinstance(result, (list, tuple)) else [result]
+        outs.append([np.asarray(r)[:n] for r in result])
+    return [np.concatenate(parts) for parts in zip(*outs)]
+
+
+def rows_per_chunk(widths: dict[str, int], itemsize: int, batch_size: int) -> int:
+    row_bytes = sum(widths.values()) * itemsize
+    batches = max(1, TARGET_CHUNK_BYTES // max(1, row_bytes * batch_size))
+    return batches * batch_size
+
+
+def extract_split(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    out: Path,
+    fingerprint: dict,
+    attrs: dict,
+    batch_size: int,
+    storage_dtype: str,
+    scratch_root: Path,
+    desc: str = "extract",
+) -> None:
+    """Stream `images` through `model` into `out`; resume from `scratch_root` after a crash."""
+    layers = list(fingerprint["layers"])
+    widths = {layer: int(o.shape[-1]) for layer, o in zip(layers, model.outputs)}
+    scratch = Path(scratch_root) / fingerprint_key(fingerprint) / desc
+    chunk = rows_per_chunk(widths, np.dtype(storage_dtype).itemsize, batch_size)
+    writer = ChunkWriter(scratch, widths, storage_dtype, chunk)
+    n = len(images)
+    done = writer.rows_done()
+    with tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar, ThreadPoolExecutor(1) as io:
+        pending = None
+        for start in range(done, n, chunk):
+            outputs = predict_batches(model, images[start : start + chunk], batch_size)
+            if pending is not None:
+                pending.result()
+            pending = io.submit(writer.write, start, dict(zip(layers, outputs)))
+            bar.update(len(outputs[0]))
+        if pending is not None:
+            pending.result()
+    writer.finalize(out, n, labels, {**attrs, "fingerprint": fingerprint})
