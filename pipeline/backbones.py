@@ -29,8 +29,14 @@ class Backbone:
         return self._module().preprocess_input(x)
 
     def build(self, weights: str | None, include_top: bool, size: int):
+        from keras.src.utils.naming import reset_uids
+
         constructor = getattr(self._module(), self.constructor)
         shape = None if include_top and weights == "imagenet" else (size, size, 3)
+        # Layers the constructor leaves unnamed (xception's add_1, inception_v3's conv2d_5)
+        # are numbered by a per-process counter: start it afresh so that every build, in any
+        # process, gives the same names as the one `layer_names` checked.
+        reset_uids()
         return constructor(weights=weights, include_top=include_top, input_shape=shape)
 
 
@@ -115,7 +121,7 @@ def _load(spec: Backbone, weights: str, include_top: bool, size: int):
             f"backbone.weights: {weights!r} does not fit {spec.name} "
             f"(include_top={include_top}, input {size}x{size}): {exc}"
         ) from exc
-    return model, f"file:{path.name}:sha256:{file_digest(path)[:16]}"
+    return model, f"file:sha256:{file_digest(path)[:16]}"
 
 
 def load_backbone(name: str, weights: str, size: int, layers: list[str] | tuple[str, ...]):

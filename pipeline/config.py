@@ -146,7 +146,8 @@ class FinetuneConfig(_Section):
     patience: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     augment: bool = False
-    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    # auto: mixed_bfloat16 on a GPU with bf16 support, float32 elsewhere
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
 
 
 class Params(_Section):

@@ -5,21 +5,21 @@ Everything ends as uint8 RGB arrays of one size, decoded and resized once.
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from pipeline.config import DataConfig
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 KERAS_SETS = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
     "cifar100": [str(i) for i in range(100)],
@@ -256,10 +256,10 @@ def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return resize(img, size, interpolation)
+            return resize(ImageOps.exif_transpose(img), size, interpolation)
     except UnidentifiedImageError:
         raise ValueError("not an image PIL can identify") from None
-    except (OSError, SyntaxError) as exc:
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise ValueError(f"unreadable or truncated image: {exc}") from None
 
 
@@ -344,10 +344,51 @@ def load_meta(directory: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped images and labels of one prepared split (never decoded again)."""
+class NpyRows:
+    """Rows of a .npy array read from the file on demand.
+
+    Unlike a memory map, pages read stay out of the process's resident memory, so a pass
+    over any number of images runs in flat memory. Supports len(), slices and index arrays.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the object's life
+        version = np.lib.format.read_magic(self._file)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        self.shape, fortran, self.dtype = read_header[version](self._file)
+        if fortran:
+            raise DataError(f"{self.path} is in Fortran order; re-run `dvc repro prepare`")
+        self._offset = self._file.tell()
+        self._row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        if not out.size:
+            return out
+        with self._lock:
+            self._file.seek(self._offset + start * self._row_bytes)
+            self._file.readinto(memoryview(out).cast("B"))
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(len(self))
+            return self._read(start, max(start, stop))
+        if isinstance(key, (int, np.integer)):
+            return self[int(key) : int(key) + 1][0]
+        index = np.arange(len(self))[key]
+        return np.stack([self._read(i, i + 1)[0] for i in index]) if len(index) else self._read(0, 0)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def load_split(directory: Path, split: str) -> tuple[NpyRows, np.ndarray]:
+    """Images (read on demand) and labels of one prepared split: never decoded again."""
     directory = Path(directory)
-    return (
-        np.load(directory / f"{split}_images.npy", mmap_mode="r"),
-        np.load(directory / f"{split}_labels.npy"),
-    )
+    return NpyRows(directory / f"{split}_images.npy"), np.load(directory / f"{split}_labels.npy")

@@ -5,6 +5,7 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.data import SPLITS, load_meta, load_split
 from pipeline.extraction import extract_split, versions
+from pipeline.forward import distribute_over_devices
 from pipeline.layers import build_extractor
 
 PREPARED, OUT, SCRATCH = Path("data/prepared"), Path("features"), Path(".cache/extract")
@@ -18,8 +19,9 @@ def main() -> None:
         import keras
 
         keras.mixed_precision.set_dtype_policy(ex.precision)
+    devices = distribute_over_devices(ex.batch_size)
     model, weights_used = build_extractor(bb.name, bb.weights, meta["size"], ex.layers)
-    print(f"backbone {bb.name}, weights: {weights_used}, layers: {ex.layers}")
+    print(f"backbone {bb.name}, weights: {weights_used}, layers: {ex.layers}, devices: {devices}")
     fingerprint = {
         "backbone": bb.name,
         "weights": weights_used,

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.store import TARGET_CHUNK_BYTES, ChunkWriter, fingerprint_key
+from pipeline.forward import forward_for
+from pipeline import store
+from pipeline.store import ChunkWriter, fingerprint_key
 
 
 def versions() -> dict:
@@ -20,21 +22,12 @@ def versions() -> dict:
 
 def predict_batches(model, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Outputs of `model` on uint8 `images`, in fixed-shape batches (the last one padded)."""
-    outs: list[list[np.ndarray]] = []
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start : start + batch_size])
-        n = len(batch)
-        if n < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
-        result = model.predict_on_batch(batch)
-        result = result if isinstance(result, (list, tuple)) else [result]
-        outs.append([np.asarray(r)[:n] for r in result])
-    return [np.concatenate(parts) for parts in zip(*outs)]
+    return forward_for(model, batch_size).run(images)
 
 
 def rows_per_chunk(widths: dict[str, int], itemsize: int, batch_size: int) -> int:
     row_bytes = sum(widths.values()) * itemsize
-    batches = max(1, TARGET_CHUNK_BYTES // max(1, row_bytes * batch_size))
+    batches = max(1, store.TARGET_CHUNK_BYTES // max(1, row_bytes * batch_size))
     return batches * batch_size
 
 
@@ -58,10 +51,11 @@ def extract_split(
     writer = ChunkWriter(scratch, widths, storage_dtype, chunk)
     n = len(images)
     done = writer.rows_done()
+    forward = forward_for(model, batch_size, storage_dtype)
     with tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar, ThreadPoolExecutor(1) as io:
         pending = None
         for start in range(done, n, chunk):
-            outputs = predict_batches(model, images[start : start + chunk], batch_size)
+            outputs = forward.run(images[start : start + chunk])
             if pending is not None:
                 pending.result()
             pending = io.submit(writer.write, start, dict(zip(layers, outputs)))

@@ -25,7 +25,9 @@ import numpy as np
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-TARGET_CHUNK_BYTES = 32 << 20  # rows per scratch chunk are chosen to hold about this much
+# Rows per scratch chunk are chosen to hold about this much; the environment variable
+# PIPELINE_CHUNK_BYTES overrides it (tests use tiny chunks to kill a run part-way).
+TARGET_CHUNK_BYTES = int(os.environ.get("PIPELINE_CHUNK_BYTES", str(32 << 20)))
 H5_CHUNK_BYTES = 4 << 20
 
 

@@ -1,0 +1,132 @@
+"""Test metrics of the best frozen head (and the fine-tuned one), confusion data, layer chart."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import HEADS
+from pipeline.heads import Plan, load_head, predict, scores
+from pipeline.store import FeatureStoreError, open_features
+
+
+def write_confusion(
+    path: Path, class_names: list[str], actual: np.ndarray, predicted: np.ndarray
+) -> None:
+    """One row per test image (actual, predicted class name): DVC's confusion templates count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((class_names[a], class_names[p]) for a, p in zip(actual, predicted))
+
+
+def layer_chart(
+    path: Path, ranking: list[dict], layers: list[str], title: str, chance: float
+) -> None:
+    """Grouped bars: validation accuracy per layer (groups, in network order) and head (bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = {(r["layer"], r["head"]): r["val_accuracy"] for r in ranking}
+    layers = [layer for layer in layers if any(k[0] == layer for k in acc)]
+    heads = [h for h in HEADS if any(k[1] == h for k in acc)]
+    best = ranking[0]
+    width = 0.8 / len(heads)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * len(layers) * len(heads), 4.2))
+    colors = plt.get_cmap("tab10")
+    for j, head in enumerate(heads):
+        xs = [
+            i + (j - (len(heads) - 1) / 2) * width
+            for i, layer in enumerate(layers)
+            if (layer, head) in acc
+        ]
+        ys = [acc[(layer, head)] for layer in layers if (layer, head) in acc]
+        bars = ax.bar(xs, ys, width * 0.92, label=head, color=colors(j))
+        for bar, layer, y in zip(bars, [la for la in layers if (la, head) in acc], ys):
+            is_best = (layer, head) == (best["layer"], best["head"])
+            if is_best:
+                bar.set_edgecolor("black")
+                bar.set_linewidth(2)
+            ax.annotate(
+                f"{y:.3f}" + ("\u2605" if is_best else ""),
+                (bar.get_x() + bar.get_width() / 2, y),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    top = {la: max(v for (lb, _), v in acc.items() if lb == la) for la in layers}
+    ax.set_xticks(range(len(layers)), [f"{la}\nbest {top[la]:.3f}" for la in layers])
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(
+        fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="head", title_fontsize=8
+    )
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate(
+    features: Path = Path("features"),
+    best_file: Path = Path("models/best.json"),
+    finetune_file: Path = Path("metrics/finetune.json"),
+    out: Path = Path("metrics/test.json"),
+    plots: Path = Path("plots"),
+    max_memory_mb: int = 2048,
+) -> dict:
+    """Score the best frozen head on the test split; write test.json, confusion CSVs, layers.png."""
+    best = json.loads(Path(best_file).read_text())
+    model, info = load_head(Path(best["model"]).parent)
+    test = open_features(
+        Path(features) / "test.h5", expect={"backbone": info["fingerprint"]["backbone"]}
+    )
+    if test.fingerprint != info["fingerprint"]:
+        raise FeatureStoreError(
+            f"{best['model']} was trained on other features than {test.path}: "
+            "run `dvc repro` to retrain the heads"
+        )
+    layer = info["layer"]
+    plan = Plan.for_matrix(len(test.labels), test.widths[layer], max_memory_mb)
+    predicted = predict(model, info["kind"], test, layer, plan.block_rows)
+    acc, f1 = scores(test.labels, predicted, len(test.class_names))
+    val_acc = next(r["val_accuracy"] for r in best["ranking"] if r["cell"] == best["cell"])
+    result = {
+        "frozen": {
+            "cell": best["cell"],
+            "test_accuracy": round(acc, 6),
+            "test_macro_f1": round(f1, 6),
+            "val_accuracy": val_acc,
+            "n_test": len(test.labels),
+        }
+    }
+    finetune = json.loads(Path(finetune_file).read_text()) if Path(finetune_file).is_file() else {}
+    if finetune.get("enabled"):
+        result["finetuned"] = {
+            k: finetune.get(k) for k in ("test_accuracy", "test_macro_f1", "val_accuracy")
+        }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    for name in ("confusion.csv", "confusion_normalized.csv"):
+        write_confusion(Path(plots) / name, test.class_names, test.labels, predicted)
+    fp = info["fingerprint"]
+    layer_chart(
+        Path(plots) / "layers.png",
+        best["ranking"],
+        list(fp["layers"]),
+        f"Validation accuracy by layer and head: {fp['backbone']} ({fp['weights']} weights); "
+        "\u2605 selected",
+        1.0 / len(test.class_names),
+    )
+    return result

@@ -1,0 +1,31 @@
+"""Stage `finetune` (optional): fine-tune the backbone's top together with the best head.
+
+With finetune.enabled false (the default) it only writes small stubs and returns in well
+under a second, without importing TensorFlow.
+"""
+
+from pipeline.config import load_params
+from pipeline.finetuning import Paths, write_disabled
+
+
+def main() -> None:
+    params = load_params()
+    if not params.finetune.enabled:
+        write_disabled(Paths())
+        print(
+            "finetune: disabled (finetune.enabled: false); wrote stubs only. "
+            "Enable it with `dvc exp run -S finetune.enabled=true`."
+        )
+        return
+    from pipeline.finetuning import finetune
+
+    r = finetune(params.backbone, params.finetune, Paths())
+    print(
+        f"started from {r['started_from']}, unfrozen from {r['unfreeze']}: val accuracy "
+        f"{r['frozen_val_accuracy']:.4f} -> {r['val_accuracy']:.4f}, test accuracy "
+        f"{r['frozen_test_accuracy']:.4f} -> {r['test_accuracy']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

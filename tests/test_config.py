@@ -1,0 +1,115 @@
+"""params.yaml validation: bad params fail on load, naming the key, what is accepted, what was given."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import SMALL_PARAMS, deep_merge
+from pydantic import ValidationError
+
+from pipeline.config import ConfigError, Params, load_params, parse_params
+
+
+def test_repo_params_yaml_is_valid():
+    from conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.backbone.name == "vgg16"
+    assert set(params.train.layers) <= set(params.extract.layers)
+
+
+def test_small_params_and_defaults():
+    params = parse_params(SMALL_PARAMS)
+    assert params.data.size == 32 and params.extract.batch_size == 16
+    assert parse_params({}) == Params()  # every key has a default
+
+
+@pytest.mark.parametrize(
+    "override, must_name",
+    [
+        # unknown keys, at the top, in a section and in a nested section
+        ({"extrct": {}}, ["unknown key 'extrct'", "data", "backbone", "extract"]),
+        ({"data": {"sise": 32}}, ["unknown key 'data.sise'", "size", "source"]),
+        ({"train": {"logreg": {"c": 1.0}}}, ["unknown key 'train.logreg.c'", "C", "max_iter"]),
+        # bad enums
+        ({"data": {"source": "imagenet"}}, ["data.source", "digits", "folder", "'imagenet'"]),
+        ({"data": {"on_bad_image": "ignore"}}, ["data.on_bad_image", "skip", "fail", "'ignore'"]),
+        ({"extract": {"storage_dtype": "int8"}}, ["extract.storage_dtype", "float16", "'int8'"]),
+        ({"extract": {"precision": "bf16"}}, ["extract.precision", "mixed_bfloat16", "'bf16'"]),
+        # numbers out of range
+        ({"extract": {"batch_size": -4}}, ["extract.batch_size", "greater than or equal to 1", "-4"]),
+        ({"extract": {"batch_size": 0}}, ["extract.batch_size", "0"]),
+        ({"data": {"size": 4}}, ["data.size", "8", "4"]),
+        ({"data": {"val_fraction": 1.5}}, ["data.val_fraction", "1.5"]),
+        # unknown backbone: the accepted ones are listed
+        ({"backbone": {"name": "vgg17"}}, ["backbone.name", "unknown backbone 'vgg17'", "vgg16", "resnet50"]),
+        # bad reduction: the layer and the accepted reductions are named
+        (
+            {"extract": {"layers": {"block5_pool": "sum"}}},
+            ["extract.layers", "'block5_pool'", "none, avg, max, grid1..grid9", "'sum'"],
+        ),
+        ({"extract": {"layers": {"block5_pool": "grid0"}}}, ["extract.layers", "'grid0'"]),
+        # weights: neither a keyword nor an existing file
+        (
+            {"backbone": {"weights": "no/such/file.weights.h5"}},
+            ["backbone.weights", "'auto', 'imagenet', 'random'", "no/such/file.weights.h5"],
+        ),
+        # val + test fractions must leave something to train on
+        (
+            {"data": {"val_fraction": 0.5, "test_fraction": 0.5}},
+            ["data", "val_fraction + test_fraction must be < 1", "0.5 + 0.5"],
+        ),
+        (
+            {"data": {"val_fraction": 0.6, "test_fraction": 0.45}},
+            ["val_fraction + test_fraction must be < 1"],
+        ),
+        ({"data": {"source": "folder", "path": None}}, ["data", "data.path"]),
+    ],
+)
+def test_bad_params_rejected_naming_the_key(override, must_name):
+    raw = deep_merge(SMALL_PARAMS, override)
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    for text in must_name:
+        assert text in message, f"{text!r} not in: {message}"
+
+
+def test_empty_layers_rejected():
+    raw = deep_merge(SMALL_PARAMS, {})
+    raw["extract"]["layers"] = {}
+    with pytest.raises(ConfigError, match="extract.layers: at least one layer"):
+        parse_params(raw)
+
+
+def test_every_bad_key_is_reported_at_once():
+    raw = deep_merge(SMALL_PARAMS, {"data": {"size": 2}, "extract": {"batch_size": 0}})
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert "data.size" in str(info.value) and "extract.batch_size" in str(info.value)
+
+
+def test_weights_file_that_exists_is_accepted(tmp_path, monkeypatch):
+    (tmp_path / "w.weights.h5").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # relative paths are relative to the project dir
+    params = parse_params(deep_merge(SMALL_PARAMS, {"backbone": {"weights": "w.weights.h5"}}))
+    assert params.backbone.weights == "w.weights.h5"
+
+
+def test_params_are_frozen():
+    params = parse_params(SMALL_PARAMS)
+    with pytest.raises(ValidationError, match="frozen"):
+        params.data.size = 64
+
+
+def test_load_params_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_params(bad)
+    bad.write_text(yaml.safe_dump({"extract": {"batch_size": -1}}))
+    with pytest.raises(ConfigError, match="extract.batch_size"):
+        load_params(bad)

@@ -1,0 +1,421 @@
+"""Fine-tuning from the best head: conversion, freezing, BN, fallback, keep-initial, disabled path.
+
+Tiny on purpose: MobileNetV2 (it has BatchNormalization) at 32x32 with the registry's seeded
+random weights, 60 bundled digits, 1-2 epochs. The heads are fitted here on features from the
+extract stage's own extractor and saved in the train stage's layout (models/heads/<cell>/).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import joblib
+import numpy as np
+import pytest
+from conftest import REPO, subprocess_env
+from sklearn.decomposition import IncrementalPCA
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+
+from pipeline.config import BackboneConfig, ConfigError, DataConfig, FinetuneConfig, parse_params
+from pipeline.data import load_meta, load_split, prepare, save_prepared
+
+BACKBONE, LAYER, REDUCTION, UNFREEZE = "mobilenet_v2", "block_5_add", "avg", "block_4_expand"
+LINEAR = {
+    "logreg": lambda: LogisticRegression(max_iter=2000),
+    "linear_svm": lambda: LinearSVC(max_iter=5000),
+    "sgd_log": lambda: SGDClassifier(loss="log_loss", random_state=0),
+    "sgd_hinge": lambda: SGDClassifier(loss="hinge", random_state=0),
+}
+
+
+def scaled(clf, *middle):
+    return Pipeline([("scaler", StandardScaler()), *middle, ("classifier", clf)])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Prepared digits, the seeded backbone, and every split's features from the extractor."""
+    import keras
+
+    from pipeline.backbones import load_backbone
+    from pipeline.layers import build_extractor
+
+    root = tmp_path_factory.mktemp("finetune")
+    prepared = root / "data" / "prepared"
+    save_prepared(prepare(DataConfig(source="digits", size=32, limit=60)), prepared)
+    meta = load_meta(prepared)
+    data = {s: load_split(prepared, s) for s in ("train", "val", "test")}
+    extractor, weights = build_extractor(BACKBONE, "random", 32, {LAYER: REDUCTION})
+    feats = {
+        s: extractor.predict(np.asarray(x), batch_size=32, verbose=0) for s, (x, _) in data.items()
+    }
+    backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
+    fingerprint = {
+        "backbone": BACKBONE,
+        "weights": weights,
+        "input_size": 32,
+        "layers": {LAYER: REDUCTION},
+        "data_sha256": meta["sha256"],
+    }
+    keras.mixed_precision.set_dtype_policy("float32")
+    return {
+        "root": root,
+        "prepared": prepared,
+        "meta": meta,
+        "data": data,
+        "features": feats,
+        "backbone": backbone,
+        "fingerprint": fingerprint,
+    }
+
+
+def save_head(world, heads_dir, head: str, model, kind: str = "sklearn"):
+    """A trained head in the train stage's layout: model.joblib|model.keras + head.json."""
+    cell = f"{LAYER}-{head}"
+    directory = heads_dir / cell
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "model.joblib" if kind == "sklearn" else "model.keras"
+    if kind == "sklearn":
+        joblib.dump(model, directory / name)
+    else:
+        model.save(directory / name)
+    info = {
+        "layer": LAYER,
+        "head": head,
+        "kind": kind,
+        "model": name,
+        "path": str(directory / name),
+        "feature_width": int(world["features"]["train"].shape[1]),
+        "reduction": REDUCTION,
+        "class_names": world["meta"]["class_names"],
+        "fingerprint": world["fingerprint"],
+    }
+    (directory / "head.json").write_text(json.dumps(info))
+    return cell
+
+
+def fit_sklearn(world, clf):
+    return clf.fit(world["features"]["train"], world["data"]["train"][1])
+
+
+def dense_head(world, epochs: int = 2):
+    """The heads stage's Keras head: Normalization -> Dense relu -> Dropout -> Dense softmax."""
+    import keras
+
+    x, y = world["features"]["train"], world["data"]["train"][1]
+    inputs = keras.Input((x.shape[1],), name="features")
+    h = keras.layers.Normalization(mean=x.mean(0), variance=x.var(0) + 1e-6)(inputs)
+    h = keras.layers.Dropout(0.5)(keras.layers.Dense(16, activation="relu")(h))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(h))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=epochs, verbose=0)
+    return model
+
+
+def assemble_from(world, head_model, backbone=None, unfreeze=UNFREEZE, augment=False):
+    from pipeline.finetuning import assemble
+
+    return assemble(
+        backbone or world["backbone"], BACKBONE, LAYER, REDUCTION, head_model, unfreeze, augment
+    )
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_linear_head_becomes_dense_with_identical_predictions(world, name):
+    """Scaler folded into one Dense: logits equal the decision function, and the whole model's
+    predictions on the validation images equal the frozen pipeline's."""
+    import keras
+
+    from pipeline.finetuning import linear_head, linear_head_weights
+
+    pipe = fit_sklearn(world, scaled(LINEAR[name]()))
+    feats = world["features"]["val"]
+    head = linear_head(*linear_head_weights(pipe, 10))
+    logits = keras.Model(head.inputs, head.get_layer("head_logits").output).predict(
+        feats, verbose=0
+    )
+    decision = pipe.decision_function(feats)
+    np.testing.assert_allclose(logits, decision, rtol=1e-4, atol=1e-4 * np.abs(decision).max())
+    assert len(head.layers) == 3  # input, one Dense (scaler folded in), softmax
+    probs = assemble_from(world, head).model.predict(np.asarray(world["data"]["val"][0]), verbose=0)
+    np.testing.assert_array_equal(np.argmax(probs, axis=1), pipe.predict(feats))
+    if name == "logreg":  # multinomial: the softmax is predict_proba itself
+        np.testing.assert_allclose(probs, pipe.predict_proba(feats), atol=1e-4)
+
+
+def test_binary_and_pca_pipelines_fold_exactly():
+    from pipeline.finetuning import linear_head, linear_head_weights
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 12)) * rng.uniform(0.01, 50, 12) + rng.normal(size=12) * 10
+    y2, y3 = (x[:, 0] + x[:, 1] > np.median(x[:, 0] + x[:, 1])).astype(int), rng.integers(0, 3, 80)
+    binary = scaled(LogisticRegression()).fit(x, y2)
+    np.testing.assert_allclose(
+        linear_head(*linear_head_weights(binary, 2)).predict(x, verbose=0),
+        binary.predict_proba(x),
+        atol=1e-5,
+    )
+    pca = scaled(LogisticRegression(max_iter=2000), ("pca", IncrementalPCA(5, whiten=True))).fit(
+        x, y3
+    )
+    np.testing.assert_allclose(
+        linear_head(*linear_head_weights(pca, 3)).predict(x, verbose=0),
+        pca.predict_proba(x),
+        atol=1e-5,
+    )
+    # classes absent from the head's training data are never predicted
+    partial = scaled(LogisticRegression()).fit(x[y3 != 1], y3[y3 != 1])
+    probs = linear_head(*linear_head_weights(partial, 3)).predict(x, verbose=0)
+    assert probs[:, 1].max() < 1e-6
+    np.testing.assert_array_equal(np.argmax(probs, axis=1), partial.predict(x))
+
+
+def test_keras_head_loads_its_trained_weights(world, tmp_path):
+    from pipeline.finetuning import head_to_keras, read_head
+
+    trained = dense_head(world)
+    cell = save_head(world, tmp_path, "dense", trained, kind="keras")
+    model, frozen_predict = head_to_keras(read_head(tmp_path, cell), 10)
+    feats = world["features"]["val"]
+    np.testing.assert_allclose(
+        model.predict(feats, verbose=0), trained.predict(feats, verbose=0), atol=1e-6
+    )
+    probs = assemble_from(world, model).model.predict(
+        np.asarray(world["data"]["val"][0]), verbose=0
+    )
+    np.testing.assert_array_equal(np.argmax(probs, axis=1), frozen_predict(feats))
+
+
+def test_fallback_to_the_best_expressible_head(world, tmp_path):
+    from pipeline.finetuning import choose_head
+
+    cells = [
+        save_head(world, tmp_path, "knn", fit_sklearn(world, scaled(KNeighborsClassifier(3)))),
+        save_head(
+            world,
+            tmp_path,
+            "random_forest",
+            fit_sklearn(
+                world, scaled(RandomForestClassifier(5, random_state=0), ("pca", IncrementalPCA(8)))
+            ),
+        ),
+        save_head(world, tmp_path, "linear_svm", fit_sklearn(world, scaled(LinearSVC()))),
+        save_head(world, tmp_path, "logreg", fit_sklearn(world, scaled(LogisticRegression()))),
+    ]
+    best = {
+        "cell": cells[0],
+        "metric": "val_accuracy",
+        "ranking": [{"cell": c, "val_accuracy": 0.9 - i / 10} for i, c in enumerate(cells)],
+    }
+    start = choose_head(best, tmp_path, 10)
+    assert start.spec.cell == cells[2]  # linear_svm: the best one Keras can express
+    assert "knn" in start.fallback and "random_forest" in start.fallback and "#3" in start.fallback
+    best["cell"], best["ranking"] = cells[3], best["ranking"][3:]
+    assert choose_head(best, tmp_path, 10).fallback is None
+
+
+# ---------------------------------------------------------------- freezing
+
+
+def test_training_changes_only_unfrozen_layers_and_keeps_bn_statistics(world):
+    """After a training epoch: layers below `unfreeze` bit-identical to the pretrained ones,
+    every BatchNormalization (moving statistics, gamma, beta) untouched, the rest changed."""
+    import keras
+
+    from pipeline.backbones import load_backbone
+    from pipeline.finetuning import image_batches, linear_head, linear_head_weights
+
+    backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
+    pretrained = {
+        layer.name: [w.numpy().copy() for w in layer.weights] for layer in backbone.layers
+    }
+    head = linear_head(*linear_head_weights(fit_sklearn(world, scaled(LogisticRegression())), 10))
+    assembly = assemble_from(world, head, backbone=backbone, augment=True)
+    model = assembly.model
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.fit(image_batches(*world["data"]["train"], 16, shuffle=True), epochs=1, verbose=0)
+
+    names = [layer.name for layer in assembly.trunk.layers]
+    start = names.index(UNFREEZE)
+    frozen = changed = bns = 0
+    for i, layer in enumerate(assembly.trunk.layers):
+        now = [w.numpy() for w in layer.weights]
+        same = all(np.array_equal(a, b) for a, b in zip(now, pretrained[layer.name]))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert same, f"BatchNormalization {layer.name} changed"
+            bns += 1
+        elif i < start and now:
+            assert same, f"frozen layer {layer.name} changed"
+            frozen += 1
+        elif now:
+            assert not same, f"unfrozen layer {layer.name} did not train"
+            changed += 1
+    assert frozen >= 5 and changed >= 2 and bns >= 10
+    assert assembly.trainable_layers == [
+        n for n in names[start:] if not n.endswith("_BN") and pretrained[n]
+    ]
+
+
+def test_unknown_unfreeze_layer_lists_valid_ones(world):
+    from pipeline.finetuning import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"unknown layer 'block_99_expand'.*block_4_expand"):
+        assemble_from(world, dense_head(world, epochs=1), unfreeze="block_99_expand")
+
+
+def test_unfreeze_above_the_heads_layer_says_nothing_trains(world):
+    assembly = assemble_from(world, dense_head(world, epochs=1), unfreeze="block_16_expand")
+    assert assembly.trainable_layers == []
+    assert "nothing in the backbone is trainable" in assembly.note
+
+
+def test_mixed_precision_keeps_the_head_and_output_float32(world):
+    import keras
+
+    from pipeline.backbones import load_backbone
+    from pipeline.finetuning import linear_head, linear_head_weights
+
+    head_pipe = fit_sklearn(world, scaled(LogisticRegression()))
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
+        assembly = assemble_from(
+            world, linear_head(*linear_head_weights(head_pipe, 10)), backbone=backbone
+        )
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert assembly.trunk.get_layer("Conv1").compute_dtype == "bfloat16"
+    assert assembly.trunk.get_layer("Conv1").variable_dtype == "float32"
+    assert keras.backend.standardize_dtype(assembly.model.output.dtype) == "float32"
+    probs = assembly.model.predict(np.asarray(world["data"]["val"][0]), verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
+    """knn is best -> logreg is used and the report says so; a destructive learning rate never
+    beats the starting point on validation, so the initial weights are restored exactly."""
+    import keras
+
+    from pipeline.backbones import load_backbone
+    from pipeline.finetuning import Paths, finetune
+
+    heads = tmp_path / "models" / "heads"
+    knn = save_head(world, heads, "knn", fit_sklearn(world, scaled(KNeighborsClassifier(3))))
+    logreg = save_head(world, heads, "logreg", fit_sklearn(world, scaled(LogisticRegression())))
+    best = {
+        "cell": knn,
+        "layer": LAYER,
+        "head": "knn",
+        "kind": "sklearn",
+        "metric": "val_accuracy",
+        "ranking": [{"cell": knn, "val_accuracy": 0.6}, {"cell": logreg, "val_accuracy": 0.5}],
+    }
+    (tmp_path / "models" / "best.json").write_text(json.dumps(best))
+    paths = Paths(
+        prepared=world["prepared"],
+        best=tmp_path / "models" / "best.json",
+        heads=heads,
+        out=tmp_path / "models" / "finetuned",
+        metrics=tmp_path / "metrics" / "finetune.json",
+        plots=tmp_path / "plots" / "finetune",
+    )
+    cfg = FinetuneConfig(
+        enabled=True,
+        unfreeze=UNFREEZE,
+        learning_rate=1.0,
+        epochs=2,
+        patience=2,
+        batch_size=16,
+        precision="float32",
+    )
+    report = finetune(BackboneConfig(name=BACKBONE, weights="random"), cfg, paths)
+
+    schema = {
+        "layer",
+        "head",
+        "backbone",
+        "weights",
+        "feature_width",
+        "path",
+        "n_train",
+        "val_accuracy",
+        "val_macro_f1",
+        "test_accuracy",
+        "test_macro_f1",
+        "fit_seconds",
+    }
+    assert schema <= set(report) and report["enabled"] is True
+    assert report["started_from"] == logreg and "knn" in report["fallback"]
+    assert report["conversion_agreement"] == 1.0
+    assert report["best_epoch"] == 0 and report["epochs_run"] >= 1
+    assert report["val_accuracy"] == report["frozen_val_accuracy"]
+    assert json.loads(paths.metrics.read_text()) == report
+    assert json.loads((paths.out / "status.json").read_text())["config"]["unfreeze"] == UNFREEZE
+    history = (paths.plots / "history.csv").read_text().splitlines()
+    assert (
+        history[0] == "epoch,loss,accuracy,val_loss,val_accuracy"
+        and len(history) == report["epochs_run"] + 2
+    )
+
+    saved = keras.saving.load_model(paths.out / "model.keras", compile=False)
+    val_x, val_y = world["data"]["val"]
+    acc = float(np.mean(np.argmax(saved.predict(np.asarray(val_x), verbose=0), axis=1) == val_y))
+    assert acc == report["val_accuracy"]
+    pretrained, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
+    trunk = next(layer for layer in saved.layers if layer.name.startswith(f"{BACKBONE}_to_"))
+    for layer in (layer for layer in trunk.layers if layer.weights):  # restored bit for bit
+        for a, b in zip(layer.weights, pretrained.get_layer(layer.name).weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_disabled_stage_writes_stubs_fast_without_tensorflow(tmp_path):
+    (tmp_path / "params.yaml").write_text("finetune:\n  enabled: false\n")
+    check = (
+        "import runpy, sys; runpy.run_module('pipeline.finetune', run_name='__main__'); "
+        "heavy = {m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'sklearn', 'jax', 'torch'}; "
+        "assert not heavy, heavy"
+    )
+    t0 = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        check=False,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.perf_counter() - t0
+    assert result.returncode == 0, result.stderr
+    assert "disabled" in result.stdout and elapsed < 10
+    assert json.loads((tmp_path / "metrics" / "finetune.json").read_text())["enabled"] is False
+    assert (
+        json.loads((tmp_path / "models" / "finetuned" / "status.json").read_text())["enabled"]
+        is False
+    )
+    assert (tmp_path / "plots" / "finetune" / "history.csv").read_text().startswith("epoch,")
+    assert str(REPO) in subprocess_env()["PYTHONPATH"]
+
+
+def test_precision_param_is_validated_and_auto_resolves():
+    from pipeline.finetuning import resolve_precision
+
+    assert parse_params({"finetune": {"precision": "auto"}}).finetune.precision == "auto"
+    with pytest.raises(ConfigError, match="finetune.precision"):
+        parse_params({"finetune": {"precision": "bf16"}})
+    assert resolve_precision("mixed_float16") == "mixed_float16"
+    assert resolve_precision("auto") in ("float32", "mixed_bfloat16")

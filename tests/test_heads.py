@@ -1,0 +1,171 @@
+"""Heads on cached features: memory and streaming paths, the Keras head, refusing bad features."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.config import TrainConfig
+from pipeline.store import FeatureStoreError, open_splits
+from pipeline.synthetic import write_features
+from pipeline.training import train_cell
+
+WIDTHS = {"small": 24, "wide": 1024}
+REPO = Path(__file__).resolve().parents[1]
+ROWS = {"train": 480, "val": 160, "test": 160}  # wide train: 480 x 1024 x 4 B = 1.9 MB
+METRIC_KEYS = {
+    "layer",
+    "head",
+    "backbone",
+    "weights",
+    "feature_width",
+    "path",
+    "n_train",
+    "val_accuracy",
+    "val_macro_f1",
+    "test_accuracy",
+    "test_macro_f1",
+    "fit_seconds",
+}
+HEAD_KEYS = {
+    "layer",
+    "head",
+    "kind",
+    "model",
+    "path",
+    "feature_width",
+    "reduction",
+    "class_names",
+    "fingerprint",
+}
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    """Synthetic features written by the store's writer; train rows sorted by class (the
+    streaming path must shuffle)."""
+    directory = tmp_path_factory.mktemp("heads") / "features"
+    write_features(directory, WIDTHS, ROWS, n_classes=4, sort_train=True, seed=1)
+    return directory
+
+
+def run_cell(tmp_path, features, layer, head, backbone="vgg16", **train):
+    cfg = TrainConfig(**train)
+    metrics = train_cell(
+        layer, head, cfg, backbone, features, tmp_path / "models", tmp_path / "metrics"
+    )
+    return metrics, tmp_path / "models" / f"{layer}-{head}"
+
+
+def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
+    metrics, out = run_cell(
+        tmp_path, features, "wide", "logreg", logreg={"C": 0.5, "max_iter": 500}
+    )
+    assert set(metrics) == METRIC_KEYS and metrics["path"] == "memory"
+    assert json.loads((tmp_path / "metrics" / "wide-logreg.json").read_text()) == metrics
+
+    splits = open_splits(features)
+    x, y = splits["train"].read("wide"), splits["train"].labels
+    xv, yv = splits["val"].read("wide"), splits["val"].labels
+    reference = Pipeline(
+        [("s", StandardScaler()), ("c", LogisticRegression(C=0.5, max_iter=500, random_state=0))]
+    )
+    expected = reference.fit(x, y).predict(xv)
+
+    info = json.loads((out / "head.json").read_text())
+    assert set(info) == HEAD_KEYS and info["kind"] == "sklearn" and info["model"] == "model.joblib"
+    assert info["fingerprint"] == splits["train"].fingerprint and info["reduction"] == "avg"
+    model = joblib.load(out / "model.joblib")
+    assert isinstance(model.steps[0][1], StandardScaler)
+    np.testing.assert_array_equal(model.predict(xv), expected)
+    assert metrics["val_accuracy"] == pytest.approx(np.mean(expected == yv), abs=1e-6)
+
+
+@pytest.mark.parametrize("head", ["logreg", "linear_svm", "knn", "random_forest"])
+def test_streaming_path_trains_to_sensible_accuracy(tmp_path, features, head):
+    memory, _ = run_cell(tmp_path / "m", features, "wide", head, random_forest={"n_estimators": 30})
+    metrics, out = run_cell(
+        tmp_path / "s", features, "wide", head, max_memory_mb=1, random_forest={"n_estimators": 30}
+    )
+    assert memory["path"] == "memory" and metrics["path"] == "stream"
+    model = joblib.load(out / "model.joblib")
+    assert isinstance(model.steps[0][1], StandardScaler)
+    if head in ("logreg", "linear_svm"):
+        assert isinstance(model.steps[-1][1], SGDClassifier)
+    assert metrics["val_accuracy"] > 0.8  # chance is 0.25
+    assert metrics["val_accuracy"] > memory["val_accuracy"] - 0.1
+
+
+def test_dense_head_streams_and_stops_early(tmp_path, features):
+    import keras
+
+    dense = {
+        "hidden": [32],
+        "dropout": 0.2,
+        "learning_rate": 0.01,
+        "epochs": 60,
+        "patience": 2,
+        "batch_size": 32,
+    }
+    metrics, out = run_cell(tmp_path, features, "wide", "dense", max_memory_mb=1, dense=dense)
+    assert metrics["path"] == "stream" and metrics["val_accuracy"] > 0.8
+
+    curve = (out / "live" / "plots" / "metrics" / "eval" / "loss.tsv").read_text().splitlines()[1:]
+    val_loss = [float(line.split("\t")[1]) for line in curve]
+    assert 2 < len(val_loss) < 60  # early stopping ended training
+    assert np.argmin(val_loss) == len(val_loss) - 1 - 2  # after `patience` epochs without progress
+
+    info = json.loads((out / "head.json").read_text())
+    assert info["kind"] == "keras" and info["model"] == "model.keras"
+    model = keras.models.load_model(out / info["model"])
+    assert isinstance(model.layers[1], keras.layers.Normalization)
+    x = open_splits(features)["val"].read("wide")[:8]
+    np.testing.assert_allclose(model.predict(x, verbose=0).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_stale_features_of_another_backbone_are_refused(tmp_path, features):
+    with pytest.raises(
+        FeatureStoreError, match=r"stale.*backbone='vgg16'.*'vgg19'.*dvc repro extract"
+    ):
+        run_cell(tmp_path, features, "small", "logreg", backbone="vgg19")
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_a_layer_that_was_not_cached_is_refused(tmp_path, features):
+    with pytest.raises(FeatureStoreError, match=r"no layer 'fc2'.*small, wide.*extract.layers"):
+        run_cell(tmp_path, features, "fc2", "logreg")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_cli_refuses_corrupt_features_with_a_clear_message(project, features, damage):
+    shutil.copytree(features, project.features)
+    target = project.features / "val.h5"
+    data = target.read_bytes()
+    target.write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else b"not hdf5 at all " * 64
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--layer", "small", "--head", "logreg"],
+        cwd=project.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "val.h5 is unreadable" in result.stderr and "dvc repro extract" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project.root / "models").exists()

@@ -1,0 +1,207 @@
+"""select (leaderboard, best on validation) and evaluate (test metrics, confusion data, chart)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.config import SelectConfig, TrainConfig
+from pipeline.evaluation import evaluate
+from pipeline.leaderboard import SelectError, select
+from pipeline.store import FeatureStoreError
+from pipeline.synthetic import write_features
+from pipeline.training import train_cell
+
+FINGERPRINT = {"backbone": "vgg16", "weights": "random", "layers": {"a": "avg", "b": "avg"}}
+
+
+def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, fingerprint=FINGERPRINT):
+    """metrics/train/<cell>.json and models/heads/<cell>/head.json as a train cell writes them."""
+    cell = f"{layer}-{head}"
+    metrics = {
+        "layer": layer,
+        "head": head,
+        "backbone": "vgg16",
+        "weights": "random",
+        "feature_width": 8,
+        "path": "memory",
+        "n_train": 100,
+        "val_accuracy": val,
+        "val_macro_f1": val if val_f1 is None else val_f1,
+        "test_accuracy": test,
+        "test_macro_f1": test,
+        "fit_seconds": fit,
+    }
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / f"{cell}.json").write_text(json.dumps(metrics))
+    kind = "keras" if head == "dense" else "sklearn"
+    info = {
+        "layer": layer,
+        "head": head,
+        "kind": kind,
+        "model": "model.keras" if kind == "keras" else "model.joblib",
+        "fingerprint": fingerprint,
+    }
+    (root / "heads" / cell).mkdir(parents=True, exist_ok=True)
+    (root / "heads" / cell / "head.json").write_text(json.dumps(info))
+
+
+def run_select(root, layers, heads, metric="val_accuracy"):
+    return select(
+        TrainConfig(layers=layers, heads=heads),
+        SelectConfig(metric=metric),
+        root / "metrics",
+        root / "heads",
+        root / "reports",
+        root / "best.json",
+        root / "select.json",
+    )
+
+
+def leaderboard(root):
+    with (root / "reports" / "leaderboard.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_leaderboard_rows_are_the_current_layers_x_heads(tmp_path):
+    layers, heads = ["a", "b"], ["logreg", "knn", "dense"]
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        for head in heads:
+            fake_cell(tmp_path, layer, head, float(rng.uniform(0.5, 0.9)), 0.5)
+    fake_cell(tmp_path, "old_layer", "logreg", 0.99, 0.99)  # stale: not in the params any more
+    fake_cell(tmp_path, "a", "random_forest", 0.99, 0.99)
+    best = run_select(tmp_path, layers, heads)
+
+    rows = leaderboard(tmp_path)
+    assert sorted(r["cell"] for r in rows) == sorted(f"{la}-{h}" for la in layers for h in heads)
+    vals = [float(r["val_accuracy"]) for r in rows]
+    assert vals == sorted(vals, reverse=True) and [r["rank"] for r in rows] == [
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+    ]
+    table = [
+        line
+        for line in (tmp_path / "reports" / "leaderboard.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| rank")
+    ]
+    assert [line.split(" | ")[1] for line in table] == [r["cell"] for r in rows]
+    assert [r["cell"] for r in best["ranking"]] == [r["cell"] for r in rows]
+    assert best["model"].endswith(
+        f"heads/{best['cell']}/" + ("model.keras" if best["head"] == "dense" else "model.joblib")
+    )
+    summary = json.loads((tmp_path / "select.json").read_text())
+    assert summary["best_cell"] == best["cell"] == rows[0]["cell"]
+    assert summary["val_accuracy_by_layer"] == {
+        la: max(float(r["val_accuracy"]) for r in rows if r["layer"] == la) for la in layers
+    }
+
+
+@pytest.mark.parametrize("metric", ["val_accuracy", "val_macro_f1"])
+def test_best_is_chosen_on_validation_never_on_test(tmp_path, metric):
+    fake_cell(tmp_path, "a", "logreg", val=0.80, test=0.99)  # test would pick this one
+    fake_cell(tmp_path, "a", "knn", val=0.90, test=0.60)
+    fake_cell(tmp_path, "b", "logreg", val=0.85, test=0.95)
+    fake_cell(tmp_path, "b", "knn", val=0.70, test=0.97)
+    best = run_select(tmp_path, ["a", "b"], ["logreg", "knn"], metric)
+    assert (best["cell"], best["layer"], best["head"], best["kind"]) == (
+        "a-knn",
+        "a",
+        "knn",
+        "sklearn",
+    )
+    assert best["metric"] == metric and best["value"] == 0.90
+    assert [r["cell"] for r in best["ranking"]] == ["a-knn", "b-logreg", "a-logreg", "b-knn"]
+
+
+def test_ties_are_broken_by_macro_f1_then_fit_time(tmp_path):
+    fake_cell(tmp_path, "a", "logreg", val=0.9, test=0.5, val_f1=0.80, fit=0.1)
+    fake_cell(tmp_path, "a", "knn", val=0.9, test=0.5, val_f1=0.85, fit=9.0)
+    fake_cell(tmp_path, "b", "logreg", val=0.9, test=0.5, val_f1=0.85, fit=2.0)
+    fake_cell(tmp_path, "b", "knn", val=0.9, test=0.5, val_f1=0.85, fit=5.0)
+    best = run_select(tmp_path, ["a", "b"], ["logreg", "knn"])
+    assert [r["cell"] for r in best["ranking"]] == ["b-logreg", "b-knn", "a-knn", "a-logreg"]
+
+
+def test_missing_or_mismatched_cells_are_reported(tmp_path):
+    fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
+    with pytest.raises(SelectError, match=r"a-knn\.json is missing: run `dvc repro train`"):
+        run_select(tmp_path, ["a"], ["logreg", "knn"])
+    fake_cell(tmp_path, "a", "knn", 0.9, 0.9, fingerprint={**FINGERPRINT, "backbone": "vgg19"})
+    with pytest.raises(SelectError, match="different features"):
+        run_select(tmp_path, ["a"], ["logreg", "knn"])
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch):
+    """Two real logreg cells on synthetic features, then select: a project dir as DVC leaves it."""
+    monkeypatch.chdir(tmp_path)
+    write_features(
+        "features", {"a": 16, "b": 64}, {"train": 200, "val": 80, "test": 90}, n_classes=3, seed=2
+    )
+    cfg = TrainConfig(layers=["a", "b"], heads=["logreg", "knn"])
+    for layer in cfg.layers:
+        for head in cfg.heads:
+            train_cell(layer, head, cfg, "vgg16")
+    select(cfg, SelectConfig())
+    return tmp_path
+
+
+def test_evaluate_scores_the_best_frozen_head_and_writes_plots(trained):
+    best = json.loads((trained / "models" / "best.json").read_text())
+    result = evaluate()
+    cell_metrics = json.loads((trained / "metrics" / "train" / f"{best['cell']}.json").read_text())
+    assert result == json.loads((trained / "metrics" / "test.json").read_text())
+    assert "finetuned" not in result
+    assert result["frozen"]["cell"] == best["cell"] and result["frozen"]["n_test"] == 90
+    assert result["frozen"]["test_accuracy"] == pytest.approx(cell_metrics["test_accuracy"])
+    assert result["frozen"]["test_macro_f1"] == pytest.approx(cell_metrics["test_macro_f1"])
+
+    for name in ("confusion.csv", "confusion_normalized.csv"):
+        with (trained / "plots" / name).open() as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 90 and set(rows[0]) == {"actual", "predicted"}
+        assert {r["actual"] for r in rows} <= {"class_0", "class_1", "class_2"}
+        hits = np.mean([r["actual"] == r["predicted"] for r in rows])
+        assert hits == pytest.approx(result["frozen"]["test_accuracy"])
+    png = (trained / "plots" / "layers.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_evaluate_puts_the_finetuned_model_beside_the_frozen_head(trained):
+    (trained / "metrics" / "finetune.json").write_text(
+        json.dumps(
+            {
+                "enabled": True,
+                "val_accuracy": 0.91,
+                "test_accuracy": 0.92,
+                "test_macro_f1": 0.9,
+                "epochs": 3,
+            }
+        )
+    )
+    result = evaluate()
+    assert result["finetuned"] == {
+        "test_accuracy": 0.92,
+        "test_macro_f1": 0.9,
+        "val_accuracy": 0.91,
+    }
+    (trained / "metrics" / "finetune.json").write_text(json.dumps({"enabled": False}))
+    assert "finetuned" not in evaluate()
+
+
+def test_evaluate_refuses_features_the_head_was_not_trained_on(trained):
+    shutil.rmtree(trained / "features")
+    write_features(
+        "features", {"a": 16, "b": 64}, {"train": 200, "val": 80, "test": 90}, n_classes=3, seed=3
+    )
+    with pytest.raises(FeatureStoreError, match="trained on other features"):
+        evaluate()
