@@ -81,6 +81,7 @@ def layer_chart(
 def evaluate(
     features: Path = Path("features"),
     best_file: Path = Path("models/best.json"),
+    leaderboard: Path = Path("reports/leaderboard.csv"),
     finetune_file: Path = Path("metrics/finetune.json"),
     out: Path = Path("metrics/test.json"),
     plots: Path = Path("plots"),
@@ -101,7 +102,7 @@ def evaluate(
     plan = Plan.for_matrix(len(test.labels), test.widths[layer], max_memory_mb)
     predicted = predict(model, info["kind"], test, layer, plan.block_rows)
     acc, f1 = scores(test.labels, predicted, len(test.class_names))
-    val_acc = next(r["val_accuracy"] for r in best["ranking"] if r["cell"] == best["cell"])
+    val_acc = best["ranking"][0]["val_accuracy"]
     result = {
         "frozen": {
             "cell": best["cell"],
@@ -121,9 +122,11 @@ def evaluate(
     for name in ("confusion.csv", "confusion_normalized.csv"):
         write_confusion(Path(plots) / name, test.class_names, test.labels, predicted)
     fp = info["fingerprint"]
+    with Path(leaderboard).open() as f:
+        ranking = [{**r, "val_accuracy": float(r["val_accuracy"])} for r in csv.DictReader(f)]
     layer_chart(
         Path(plots) / "layers.png",
-        best["ranking"],
+        ranking,
         list(fp["layers"]),
         f"Validation accuracy by layer and head: {fp['backbone']} ({fp['weights']} weights); "
         "\u2605 selected",

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from pipeline.backbones import file_digest
 from pipeline.config import SelectConfig, TrainConfig
 
 COLUMNS = [
@@ -26,6 +27,21 @@ COLUMNS = [
     "weights",
 ]
 RANKING_KEYS = ["cell", "layer", "head", "kind", "val_accuracy", "val_macro_f1"]
+KERAS_EXPRESSIBLE = ("logreg", "linear_svm", "dense")  # heads fine-tuning can start from
+
+
+def finetune_candidates(ranked: list[dict]) -> list[dict]:
+    """The ranking down to the first head Keras can express: all that fine-tuning may read.
+
+    Each row carries its model's sha256, so the finetune and evaluate stages depend on
+    best.json alone and retraining any other head re-runs neither.
+    """
+    rows = []
+    for r in ranked:
+        rows.append({**{k: r[k] for k in RANKING_KEYS}, "model_sha256": file_digest(r["model"])})
+        if r["head"] in KERAS_EXPRESSIBLE:
+            break
+    return rows
 
 
 class SelectError(RuntimeError):
@@ -125,7 +141,7 @@ def select(
         "model": top["model"],
         "metric": cfg.metric,
         "value": top[cfg.metric],
-        "ranking": [{k: r[k] for k in RANKING_KEYS} for r in ranked],
+        "ranking": finetune_candidates(ranked),
     }
     per_layer = {
         layer: max(r["val_accuracy"] for r in ranked if r["layer"] == layer)

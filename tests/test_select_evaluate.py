@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 
@@ -48,6 +49,7 @@ def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, fingerprint=FI
     }
     (root / "heads" / cell).mkdir(parents=True, exist_ok=True)
     (root / "heads" / cell / "head.json").write_text(json.dumps(info))
+    (root / "heads" / cell / info["model"]).write_text(f"model of {cell}")
 
 
 def run_select(root, layers, heads, metric="val_accuracy"):
@@ -94,7 +96,8 @@ def test_leaderboard_rows_are_the_current_layers_x_heads(tmp_path):
         if line.startswith("| ") and not line.startswith("| rank")
     ]
     assert [line.split(" | ")[1] for line in table] == [r["cell"] for r in rows]
-    assert [r["cell"] for r in best["ranking"]] == [r["cell"] for r in rows]
+    first_expressible = next(i for i, r in enumerate(rows) if r["head"] in ("logreg", "dense"))
+    assert [r["cell"] for r in best["ranking"]] == [r["cell"] for r in rows[: first_expressible + 1]]
     assert best["model"].endswith(
         f"heads/{best['cell']}/" + ("model.keras" if best["head"] == "dense" else "model.joblib")
     )
@@ -119,7 +122,18 @@ def test_best_is_chosen_on_validation_never_on_test(tmp_path, metric):
         "sklearn",
     )
     assert best["metric"] == metric and best["value"] == 0.90
-    assert [r["cell"] for r in best["ranking"]] == ["a-knn", "b-logreg", "a-logreg", "b-knn"]
+    assert [r["cell"] for r in leaderboard(tmp_path)] == ["a-knn", "b-logreg", "a-logreg", "b-knn"]
+
+
+def test_best_json_holds_digests_of_the_models_finetuning_may_read(tmp_path):
+    vals = {"knn": 0.9, "random_forest": 0.8, "logreg": 0.7, "dense": 0.6, "linear_svm": 0.5}
+    for head, val in vals.items():
+        fake_cell(tmp_path, "a", head, val, 0.5)
+    best = run_select(tmp_path, ["a"], list(vals))
+    # down the ranking to the first head Keras can express (logreg), and no further
+    assert [r["cell"] for r in best["ranking"]] == ["a-knn", "a-random_forest", "a-logreg"]
+    model = tmp_path / "heads" / "a-logreg" / "model.joblib"
+    assert best["ranking"][-1]["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
 def test_ties_are_broken_by_macro_f1_then_fit_time(tmp_path):
@@ -128,7 +142,7 @@ def test_ties_are_broken_by_macro_f1_then_fit_time(tmp_path):
     fake_cell(tmp_path, "b", "logreg", val=0.9, test=0.5, val_f1=0.85, fit=2.0)
     fake_cell(tmp_path, "b", "knn", val=0.9, test=0.5, val_f1=0.85, fit=5.0)
     best = run_select(tmp_path, ["a", "b"], ["logreg", "knn"])
-    assert [r["cell"] for r in best["ranking"]] == ["b-logreg", "b-knn", "a-knn", "a-logreg"]
+    assert [r["cell"] for r in leaderboard(tmp_path)] == ["b-logreg", "b-knn", "a-knn", "a-logreg"]
 
 
 def test_missing_or_mismatched_cells_are_reported(tmp_path):
