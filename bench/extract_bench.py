@@ -40,7 +40,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes of the naive row
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
+import numpy as np  # noqa: E402 - after the environment set above
 
 DEFAULT_LAYERS = {
     224: "block2_pool:avg,block5_pool:avg,fc2:none",
@@ -62,7 +62,9 @@ def parse_layers(text: str) -> dict[str, str]:
 def write_prepared(directory: Path, n: int, size: int, seed: int = 0) -> Path:
     """data/prepared-like train split of `n` random uint8 images, written in blocks."""
     directory.mkdir(parents=True, exist_ok=True)
-    images = np.lib.format.open_memmap(directory / "train_images.npy", "w+", np.uint8, (n, size, size, 3))
+    images = np.lib.format.open_memmap(
+        directory / "train_images.npy", "w+", np.uint8, (n, size, size, 3)
+    )
     rng = np.random.default_rng(seed)
     block = max(1, (64 << 20) // (size * size * 3))
     for start in range(0, n, block):
@@ -83,8 +85,16 @@ def run_extract(model, layers: dict, prepared: Path, out_dir: Path, batch_size: 
     images, labels = load_split(prepared, "train")
     fingerprint = {"bench": True, "layers": layers, "n": len(labels), "t": time.time()}
     extract_split(
-        model, images, labels, out_dir / "train.h5", fingerprint, {"class_names": [str(i) for i in range(10)]},
-        batch_size, "float16", out_dir / "scratch", desc="bench",
+        model,
+        images,
+        labels,
+        out_dir / "train.h5",
+        fingerprint,
+        {"class_names": [str(i) for i in range(10)]},
+        batch_size,
+        "float16",
+        out_dir / "scratch",
+        desc="bench",
     )
     seconds = time.perf_counter() - start
     (out_dir / "train.h5").unlink()
@@ -128,7 +138,15 @@ def count_flops(model) -> float:
             elif kind == "DepthwiseConv2D":
                 total += 2 * h * w * kh * kw * cin * layer.depth_multiplier
             else:
-                total += 2 * h * w * (kh * kw * cin * layer.depth_multiplier + cin * layer.depth_multiplier * layer.filters)
+                total += (
+                    2
+                    * h
+                    * w
+                    * (
+                        kh * kw * cin * layer.depth_multiplier
+                        + cin * layer.depth_multiplier * layer.filters
+                    )
+                )
         elif kind == "Dense":
             total += 2 * int(np.prod(layer.input.shape[1:])) * layer.units
     return float(total)
@@ -151,7 +169,9 @@ def device_name(agnostic: bool) -> tuple[str, bool]:
 
                 gpus = tf.config.list_physical_devices("GPU")
                 if gpus:
-                    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+                    name = tf.config.experimental.get_device_details(gpus[0]).get(
+                        "device_name", "GPU"
+                    )
                     return f"GPU: {name} x{len(gpus)}", True
             if backend == "torch":
                 import torch
@@ -173,7 +193,10 @@ def matmul_flops(n: int, dtype: str, agnostic: bool, seconds: float = 3.0) -> fl
     a_np = rng.standard_normal((n, n), dtype=np.float32)
     b_np = rng.standard_normal((n, n), dtype=np.float32)
     if agnostic or backend not in ("jax", "tensorflow", "torch"):
-        a, b = ops.cast(ops.convert_to_tensor(a_np), dtype), ops.cast(ops.convert_to_tensor(b_np), dtype)
+        a, b = (
+            ops.cast(ops.convert_to_tensor(a_np), dtype),
+            ops.cast(ops.convert_to_tensor(b_np), dtype),
+        )
         step = ops.matmul
         sync = lambda x: ops.convert_to_numpy(x[0, 0])
     elif backend == "jax":
@@ -210,7 +233,9 @@ def matmul_flops(n: int, dtype: str, agnostic: bool, seconds: float = 3.0) -> fl
     return 2.0 * n**3 * reps / (time.perf_counter() - start)
 
 
-def device_forward_rate(model, batch: np.ndarray, agnostic: bool, seconds: float = 5.0) -> tuple[float, str]:
+def device_forward_rate(
+    model, batch: np.ndarray, agnostic: bool, seconds: float = 5.0
+) -> tuple[float, str]:
     """Images/s of the extractor on one uint8 batch already on the device; (rate, how)."""
     import keras
     from keras import ops
@@ -224,7 +249,10 @@ def device_forward_rate(model, batch: np.ndarray, agnostic: bool, seconds: float
     elif backend == "jax":
         import jax
 
-        state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+        state = (
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+        )
         jitted = jax.jit(lambda t, nt, x: model.stateless_call(t, nt, x, training=False)[0])
         x = jax.device_put(batch)
         step = lambda x: jitted(*state, x)
@@ -296,9 +324,24 @@ def memory_rows(args, work: Path) -> list[tuple]:
         n = base * mult
         sub = work / f"mem{mult}"
         write_prepared(sub / "prepared", n, args.size, seed=mult)
-        cmd = [sys.executable, __file__, "--child-extract", str(sub), "--size", str(args.size),
-               "--batch-size", str(args.batch_size), "--layers", args.layers,
-               "--backbone", args.backbone, "--weights", args.weights, "--precision", args.precision]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child-extract",
+            str(sub),
+            "--size",
+            str(args.size),
+            "--batch-size",
+            str(args.batch_size),
+            "--layers",
+            args.layers,
+            "--backbone",
+            args.backbone,
+            "--weights",
+            args.weights,
+            "--precision",
+            args.precision,
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         out, err = proc.stdout.read(), proc.stderr.read()
@@ -320,17 +363,43 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--layers", default=None, help="layer:reduction,... (default: 3 VGG layers for the size)")
-    ap.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16", "mixed_float16"))
-    ap.add_argument("--matmul", type=int, default=None, help="matmul side (default 8192 on GPU, 2048 on CPU)")
-    ap.add_argument("--naive-images", type=int, default=None, help="images for row d (default: all, at most 2000)")
-    ap.add_argument("--memory-images", type=int, default=None, help="images of the 1x memory run (default --images)")
+    ap.add_argument(
+        "--layers", default=None, help="layer:reduction,... (default: 3 VGG layers for the size)"
+    )
+    ap.add_argument(
+        "--precision", default="float32", choices=("float32", "mixed_bfloat16", "mixed_float16")
+    )
+    ap.add_argument(
+        "--matmul", type=int, default=None, help="matmul side (default 8192 on GPU, 2048 on CPU)"
+    )
+    ap.add_argument(
+        "--naive-images",
+        type=int,
+        default=None,
+        help="images for row d (default: all, at most 2000)",
+    )
+    ap.add_argument(
+        "--memory-images",
+        type=int,
+        default=None,
+        help="images of the 1x memory run (default --images)",
+    )
     ap.add_argument("--memory-multiple", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true", help="skip the memory rows")
-    ap.add_argument("--backend-agnostic", action="store_true",
-                    help="rows e1/e2 with keras.ops and eager model calls only (no tensorflow/jax/torch import)")
-    ap.add_argument("--repeats", type=int, default=2, help="rows a-d: best of this many runs (2-core CI is noisy)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="minimum timing window of rows e1/e2")
+    ap.add_argument(
+        "--backend-agnostic",
+        action="store_true",
+        help="rows e1/e2 with keras.ops and eager model calls only (no tensorflow/jax/torch import)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="rows a-d: best of this many runs (2-core CI is noisy)",
+    )
+    ap.add_argument(
+        "--seconds", type=float, default=3.0, help="minimum timing window of rows e1/e2"
+    )
     ap.add_argument("--child-extract", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.layers = args.layers or DEFAULT_LAYERS.get(args.size, DEFAULT_LAYERS["other"])
@@ -364,36 +433,71 @@ def main() -> None:
         single = keras.Model(backbone.inputs, backbone.get_layer(deepest).output)
         single.predict(x32[:bs], batch_size=bs, verbose=0)
         a_s = best(lambda: single.predict(x32, batch_size=bs, verbose=0), args.repeats)
-        rows.append(("a", f"bare model.predict, {deepest} only (float32 numpy, preprocessed)", n / a_s, a_s, ""))
+        rows.append(
+            (
+                "a",
+                f"bare model.predict, {deepest} only (float32 numpy, preprocessed)",
+                n / a_s,
+                a_s,
+                "",
+            )
+        )
 
         # b: the project's extract, every layer; warm-up on a few images first
         warm = write_prepared(work / "warm", min(n, 2 * bs), args.size, seed=9)
         run_extract(model, layers, warm, work / "out_b", bs)
-        b_s = best(lambda: run_extract(model, layers, prepared, work / "out_b", bs), args.repeats, timed=True)
-        rows.append(("b", f"project extract end to end, {len(layers)} layers (.npy -> .h5)", n / b_s, b_s,
-                     f"model build {build_s:.1f} s not included"))
+        b_s = best(
+            lambda: run_extract(model, layers, prepared, work / "out_b", bs),
+            args.repeats,
+            timed=True,
+        )
+        rows.append(
+            (
+                "b",
+                f"project extract end to end, {len(layers)} layers (.npy -> .h5)",
+                n / b_s,
+                b_s,
+                f"model build {build_s:.1f} s not included",
+            )
+        )
 
         # c: the project's extract, the deepest layer only
         only = {deepest: layers[deepest]}
         model_c = build(args, only)
         run_extract(model_c, only, warm, work / "out_c", bs)
-        c_s = best(lambda: run_extract(model_c, only, prepared, work / "out_c", bs), args.repeats, timed=True)
+        c_s = best(
+            lambda: run_extract(model_c, only, prepared, work / "out_c", bs),
+            args.repeats,
+            timed=True,
+        )
         rows.append(("c", f"project extract end to end, {deepest} only", n / c_s, c_s, ""))
 
         # d: naive, one single-output model.predict per layer on float32 numpy
         nd = min(n, args.naive_images or 2000)
-        singles = {layer: keras.Model(backbone.inputs, backbone.get_layer(layer).output) for layer in layers}
+        singles = {
+            layer: keras.Model(backbone.inputs, backbone.get_layer(layer).output)
+            for layer in layers
+        }
         for m in singles.values():
             m.predict(x32[:bs], batch_size=bs, verbose=0)
 
         def naive():
             for layer, m in singles.items():
                 maps = m.predict(x32[:nd], batch_size=bs, verbose=0)
-                maps.mean(axis=(1, 2)) if maps.ndim == 4 and layers[layer] != "none" else maps.reshape(nd, -1)
+                maps.mean(axis=(1, 2)) if maps.ndim == 4 and layers[
+                    layer
+                ] != "none" else maps.reshape(nd, -1)
 
         d_s = best(naive, args.repeats)
-        rows.append(("d", f"naive: one model.predict per layer ({len(layers)}), float32 numpy", nd / d_s, d_s,
-                     f"{nd} images" if nd != n else ""))
+        rows.append(
+            (
+                "d",
+                f"naive: one model.predict per layer ({len(layers)}), float32 numpy",
+                nd / d_s,
+                d_s,
+                f"{nd} images" if nd != n else "",
+            )
+        )
         x32 = None  # free it before the memory rows
 
         # e1: matmul ceiling
@@ -406,13 +510,22 @@ def main() -> None:
 
         # e2: device-only forward
         batch = images[:bs] if len(images) >= bs else np.resize(images, (bs, *images.shape[1:]))
-        e2, how = device_forward_rate(model, np.ascontiguousarray(batch), args.backend_agnostic, args.seconds)
+        e2, how = device_forward_rate(
+            model, np.ascontiguousarray(batch), args.backend_agnostic, args.seconds
+        )
         rows.append(("e2", f"device-only forward of the extractor ({how})", e2, None, ""))
 
         mem = [] if args.no_memory else memory_rows(args, work)
         for (count, seconds, rss), label in zip(mem, ("1x", f"{args.memory_multiple}x")):
-            rows.append((f"m{label}", f"extract end to end in a subprocess, {count} images", count / seconds, seconds,
-                         f"peak RSS {rss:.1f} MB"))
+            rows.append(
+                (
+                    f"m{label}",
+                    f"extract end to end in a subprocess, {count} images",
+                    count / seconds,
+                    seconds,
+                    f"peak RSS {rss:.1f} MB",
+                )
+            )
 
     b_rate = n / b_s
     ratios = [
@@ -423,13 +536,19 @@ def main() -> None:
         ("b/d", b_rate / (nd / d_s), "speed-up over the naive way"),
     ]
     if len(mem) == 2:
-        ratios.append((f"RSS {args.memory_multiple}x / RSS 1x", mem[1][2] / mem[0][2], "goal ~1.0 (flat)"))
+        ratios.append(
+            (f"RSS {args.memory_multiple}x / RSS 1x", mem[1][2] / mem[0][2], "goal ~1.0 (flat)")
+        )
 
     print()
-    print(f"extract bench: {args.backbone} {args.size}x{args.size}, {n} images, batch {bs}, layers {args.layers}, "
-          f"weights {args.weights}, precision {args.precision}")
-    print(f"keras {keras.__version__} on {keras.backend.backend()}, {device}"
-          + (", --backend-agnostic" if args.backend_agnostic else ""))
+    print(
+        f"extract bench: {args.backbone} {args.size}x{args.size}, {n} images, batch {bs}, layers {args.layers}, "
+        f"weights {args.weights}, precision {args.precision}"
+    )
+    print(
+        f"keras {keras.__version__} on {keras.backend.backend()}, {device}"
+        + (", --backend-agnostic" if args.backend_agnostic else "")
+    )
     print()
     print("| row | what | images/s | seconds | note |")
     print("|---|---|---:|---:|---|")

@@ -57,22 +57,31 @@ def main() -> None:
         features[precision] = {s: dict(zip(layers, outs[s])) for s in SPLITS}
     keras.mixed_precision.set_dtype_policy("float32")
 
-    print(f"{args.backbone} ({weights} weights), {args.size}x{args.size}, digits, "
-          f"{sum(len(v) for v in data.labels.values())} images, backend {keras.backend.backend()}")
-    print(f"| layer | compute | images/s | drift vs float32 | float16 storage drift | val acc | test acc |")
+    print(
+        f"{args.backbone} ({weights} weights), {args.size}x{args.size}, digits, "
+        f"{sum(len(v) for v in data.labels.values())} images, backend {keras.backend.backend()}"
+    )
+    print(
+        "| layer | compute | images/s | drift vs float32 | float16 storage drift | val acc | test acc |"
+    )
     print("|---|---|---|---|---|---|---|")
     for layer in layers:
         ref = features["float32"]
         for precision in PRECISIONS:
             f = features[precision]
-            drift = rel_l2(np.concatenate([f[s][layer] for s in SPLITS]), np.concatenate([ref[s][layer] for s in SPLITS]))
+            drift = rel_l2(
+                np.concatenate([f[s][layer] for s in SPLITS]),
+                np.concatenate([ref[s][layer] for s in SPLITS]),
+            )
             stored = np.concatenate([ref[s][layer] for s in SPLITS])
             storage = rel_l2(stored.astype(np.float16).astype(np.float32), stored)
             head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
             head.fit(f["train"][layer], data.labels["train"])
             val = head.score(f["val"][layer], data.labels["val"])
             test = head.score(f["test"][layer], data.labels["test"])
-            print(f"| {layer} | {precision} | {speed[precision]:.0f} | {drift:.3%} | {storage:.3%} | {val:.3f} | {test:.3f} |")
+            print(
+                f"| {layer} | {precision} | {speed[precision]:.0f} | {drift:.3%} | {storage:.3%} | {val:.3f} | {test:.3f} |"
+            )
 
 
 if __name__ == "__main__":

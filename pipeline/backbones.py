@@ -48,7 +48,9 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("resnet50", "resnet50", "ResNet50", 32, 224, "conv5_block1_1_conv"),
         Backbone("mobilenet_v2", "mobilenet_v2", "MobileNetV2", 32, 224, "block_16_expand"),
         Backbone("xception", "xception", "Xception", 71, 299, "block14_sepconv1"),
-        Backbone("efficientnet_b0", "efficientnet", "EfficientNetB0", 32, 224, "block7a_expand_conv"),
+        Backbone(
+            "efficientnet_b0", "efficientnet", "EfficientNetB0", 32, 224, "block7a_expand_conv"
+        ),
         Backbone("inception_v3", "inception_v3", "InceptionV3", 75, 299, "mixed8"),
     )
 }

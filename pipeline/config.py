@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,17 +30,19 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder"] = "digits"
-    path: Optional[str] = None
+    path: str | None = None
     size: int = Field(224, ge=8, le=1024)
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
-    limit: Optional[int] = Field(None, ge=2)
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = (
+        "bilinear"
+    )
+    limit: int | None = Field(None, ge=2)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     on_bad_image: Literal["skip", "fail"] = "skip"
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 "val_fraction + test_fraction must be < 1, "
@@ -77,7 +79,7 @@ class ExtractConfig(_Section):
     layers: dict[str, str] = {"block2_pool": "avg", "block5_pool": "avg", "fc2": "none"}
     batch_size: int = Field(32, ge=1)
     storage_dtype: Literal["float16", "float32"] = "float16"
-    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
 
     @field_validator("layers")
     @classmethod
@@ -110,7 +112,7 @@ class KnnConfig(_Section):
 
 class RandomForestConfig(_Section):
     n_estimators: int = Field(200, ge=1)
-    max_depth: Optional[int] = Field(None, ge=1)
+    max_depth: int | None = Field(None, ge=1)
 
 
 class DenseConfig(_Section):
@@ -140,7 +142,7 @@ class SelectConfig(_Section):
 
 class FinetuneConfig(_Section):
     enabled: bool = False
-    unfreeze: Optional[str] = None
+    unfreeze: str | None = None
     learning_rate: float = Field(1e-5, gt=0)
     epochs: int = Field(10, ge=1)
     patience: int = Field(3, ge=1)

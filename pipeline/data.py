@@ -21,11 +21,31 @@ from pipeline.config import DataConfig
 
 SPLITS = ("train", "val", "test")
 KERAS_SETS = {
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "cifar10": [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ],
     "cifar100": [str(i) for i in range(100)],
     "mnist": [str(i) for i in range(10)],
     "fashion_mnist": [
-        "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+        "t-shirt",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "ankle-boot",
     ],
 }
 RESAMPLE = {
@@ -90,7 +110,9 @@ def subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A stratified subset of `n` indices (all of them when n >= len)."""
     if n >= len(labels):
         return np.arange(len(labels))
-    keep, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed)
+    keep, _ = train_test_split(
+        np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed
+    )
     return np.sort(keep)
 
 
@@ -101,7 +123,9 @@ def _limit(splits: dict[str, Split], limit: int | None, seed: int) -> dict[str, 
         return splits
     out = {}
     for name, s in splits.items():
-        keep = subsample(s.labels, max(len(np.unique(s.labels)), round(len(s.labels) * limit / total)), seed)
+        keep = subsample(
+            s.labels, max(len(np.unique(s.labels)), round(len(s.labels) * limit / total)), seed
+        )
         out[name] = Split(
             labels=s.labels[keep],
             images=None if s.images is None else s.images[keep],
@@ -170,7 +194,11 @@ def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
     sub = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
     presplit = "train" in sub
     if presplit:
-        folders = {"train": sub["train"], "val": sub.get("val", sub.get("validation")), "test": sub.get("test")}
+        folders = {
+            "train": sub["train"],
+            "val": sub.get("val", sub.get("validation")),
+            "test": sub.get("test"),
+        }
     else:
         folders = {"all": root}
     files = {name: _class_files(d) for name, d in folders.items() if d is not None}
@@ -187,11 +215,15 @@ def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
             raise DataError(f"empty class folder(s) in {folders[name]}: {', '.join(empty)}")
         extra = sorted(set(per_class) - set(class_names))
         if extra:
-            raise DataError(f"{folders[name]} has classes not in the training set: {', '.join(extra)}")
+            raise DataError(
+                f"{folders[name]} has classes not in the training set: {', '.join(extra)}"
+            )
 
     def pool(per_class: dict[str, list[Path]]) -> Split:
         paths = [f for c in class_names for f in per_class.get(c, [])]
-        labels = np.array([i for i, c in enumerate(class_names) for _ in per_class.get(c, [])], np.int64)
+        labels = np.array(
+            [i for i, c in enumerate(class_names) for _ in per_class.get(c, [])], np.int64
+        )
         return Split(labels=labels, paths=paths, ids=[str(p.relative_to(root)) for p in paths])
 
     def take(s: Split, i: np.ndarray) -> Split:
@@ -201,7 +233,9 @@ def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
         everything = pool(files["all"])
         if cfg.limit:
             everything = take(everything, subsample(everything.labels, cfg.limit, cfg.seed))
-        return class_names, {k: take(everything, i) for k, i in split_indices(everything.labels, cfg).items()}
+        return class_names, {
+            k: take(everything, i) for k, i in split_indices(everything.labels, cfg).items()
+        }
     splits = {name: pool(files[name]) for name in files}
     train = splits["train"]
     idx = np.arange(len(train.labels))
@@ -209,7 +243,9 @@ def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
         idx, test = _stratified(idx, train.labels, cfg.test_fraction, cfg.seed, "test")
         splits["test"] = take(train, np.sort(test))
     if "val" not in splits:
-        share = cfg.val_fraction / (1 - cfg.test_fraction) if "test" not in files else cfg.val_fraction
+        share = (
+            cfg.val_fraction / (1 - cfg.test_fraction) if "test" not in files else cfg.val_fraction
+        )
         idx, val = _stratified(idx, train.labels, share, cfg.seed, "val")
         splits["val"] = take(train, np.sort(val))
     splits["train"] = take(train, np.sort(idx))
@@ -263,7 +299,9 @@ def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
         raise ValueError(f"unreadable or truncated image: {exc}") from None
 
 
-def decode_split(name: str, split: Split, cfg: DataConfig, workers: int = 4) -> tuple[np.ndarray, np.ndarray, list[str], list[dict]]:
+def decode_split(
+    name: str, split: Split, cfg: DataConfig, workers: int = 4
+) -> tuple[np.ndarray, np.ndarray, list[str], list[dict]]:
     """Decode and resize a split once; return images, labels, ids and the skipped files."""
     size = cfg.size
     if split.images is not None:
@@ -281,7 +319,9 @@ def decode_split(name: str, split: Split, cfg: DataConfig, workers: int = 4) -> 
     keep, images, skipped = [], [], []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(work, split.paths)
-        for i, (img, reason) in enumerate(tqdm(results, total=len(split.paths), desc=f"decode {name}", unit="img")):
+        for i, (img, reason) in enumerate(
+            tqdm(results, total=len(split.paths), desc=f"decode {name}", unit="img")
+        ):
             if img is None:
                 if cfg.on_bad_image == "fail":
                     raise DataError(f"{split.paths[i]}: {reason} (data.on_bad_image=fail)")
@@ -318,7 +358,10 @@ def save_prepared(p: Prepared, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     for name in SPLITS:
-        for kind, array in (("images", p.images[name]), ("labels", p.labels[name].astype(np.int32))):
+        for kind, array in (
+            ("images", p.images[name]),
+            ("labels", p.labels[name].astype(np.int32)),
+        ):
             np.save(out / f"{name}_{kind}.npy", array)
             digest.update(name.encode() + kind.encode() + np.ascontiguousarray(array).tobytes())
     with (out / "manifest.csv").open("w") as f:
@@ -333,7 +376,9 @@ def save_prepared(p: Prepared, out: Path) -> dict:
         "sha256": digest.hexdigest(),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "report.json").write_text(json.dumps({"skipped": p.skipped, "n_skipped": len(p.skipped)}, indent=2) + "\n")
+    (out / "report.json").write_text(
+        json.dumps({"skipped": p.skipped, "n_skipped": len(p.skipped)}, indent=2) + "\n"
+    )
     return meta
 
 
@@ -355,7 +400,10 @@ class NpyRows:
         self.path = Path(path)
         self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the object's life
         version = np.lib.format.read_magic(self._file)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
         self.shape, fortran, self.dtype = read_header[version](self._file)
         if fortran:
             raise DataError(f"{self.path} is in Fortran order; re-run `dvc repro prepare`")
@@ -382,7 +430,9 @@ class NpyRows:
         if isinstance(key, (int, np.integer)):
             return self[int(key) : int(key) + 1][0]
         index = np.arange(len(self))[key]
-        return np.stack([self._read(i, i + 1)[0] for i in index]) if len(index) else self._read(0, 0)
+        return (
+            np.stack([self._read(i, i + 1)[0] for i in index]) if len(index) else self._read(0, 0)
+        )
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self[:] if dtype is None else self[:].astype(dtype)

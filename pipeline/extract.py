@@ -7,6 +7,7 @@ from pipeline.data import SPLITS, load_meta, load_split
 from pipeline.extraction import extract_split, versions
 from pipeline.forward import distribute_over_devices
 from pipeline.layers import build_extractor
+from pipeline.precision import use_precision
 
 PREPARED, OUT, SCRATCH = Path("data/prepared"), Path("features"), Path(".cache/extract")
 
@@ -15,20 +16,19 @@ def main() -> None:
     params = load_params()
     bb, ex = params.backbone, params.extract
     meta = load_meta(PREPARED)
-    if ex.precision != "float32":
-        import keras
-
-        keras.mixed_precision.set_dtype_policy(ex.precision)
+    precision = use_precision(ex.precision)
     devices = distribute_over_devices(ex.batch_size)
     model, weights_used = build_extractor(bb.name, bb.weights, meta["size"], ex.layers)
-    print(f"backbone {bb.name}, weights: {weights_used}, layers: {ex.layers}, devices: {devices}")
+    print(
+        f"backbone {bb.name}, weights: {weights_used}, layers: {ex.layers}, devices: {devices}, precision: {precision}"
+    )
     fingerprint = {
         "backbone": bb.name,
         "weights": weights_used,
         "input_size": meta["size"],
         "preprocessing": f"keras.applications {bb.name} preprocess_input",
         "layers": ex.layers,
-        "precision": ex.precision,
+        "precision": precision,
         "storage_dtype": ex.storage_dtype,
         "data_sha256": meta["sha256"],
         "versions": versions(),
@@ -36,9 +36,16 @@ def main() -> None:
     for split in SPLITS:
         images, labels = load_split(PREPARED, split)
         extract_split(
-            model, images, labels, OUT / f"{split}.h5", fingerprint,
+            model,
+            images,
+            labels,
+            OUT / f"{split}.h5",
+            fingerprint,
             {"split": split, "class_names": meta["class_names"]},
-            ex.batch_size, ex.storage_dtype, SCRATCH, desc=split,
+            ex.batch_size,
+            ex.storage_dtype,
+            SCRATCH,
+            desc=split,
         )
     print(f"wrote {', '.join(str(OUT / f'{s}.h5') for s in SPLITS)}")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.forward import forward_for
 from pipeline import store
+from pipeline.forward import forward_for
 from pipeline.store import ChunkWriter, fingerprint_key
 
 
@@ -17,7 +17,11 @@ def versions() -> dict:
     import h5py
     import keras
 
-    return {"keras": keras.__version__, "backend": keras.backend.backend(), "h5py": h5py.__version__}
+    return {
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "h5py": h5py.__version__,
+    }
 
 
 def predict_batches(model, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -52,7 +56,10 @@ def extract_split(
     n = len(images)
     done = writer.rows_done()
     forward = forward_for(model, batch_size, storage_dtype)
-    with tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar, ThreadPoolExecutor(1) as io:
+    with (
+        tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar,
+        ThreadPoolExecutor(1) as io,
+    ):
         pending = None
         for start in range(done, n, chunk):
             outputs = forward.run(images[start : start + chunk])

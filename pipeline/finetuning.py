@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import BackboneConfig, FinetuneConfig
+from pipeline.precision import use_precision
 
 MODEL_FILE = "model.keras"
 STATUS_FILE = "status.json"
@@ -290,40 +291,6 @@ def check_head(spec: HeadSpec, backbone: BackboneConfig, weights_used: str, meta
 # ---------------------------------------------------------------- the model
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto`: mixed_bfloat16 on a GPU that has bf16 (compute capability >= 8), else float32."""
-    if precision != "auto":
-        return precision
-    import keras
-
-    backend = keras.backend.backend()
-    try:
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            for gpu in tf.config.list_physical_devices("GPU"):
-                if tf.config.experimental.get_device_details(gpu).get(
-                    "compute_capability", (0, 0)
-                ) >= (8, 0):
-                    return "mixed_bfloat16"
-        elif backend == "jax":
-            import jax
-
-            device = jax.devices()[0]
-            if device.platform == "tpu" or (
-                device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 8
-            ):
-                return "mixed_bfloat16"
-        elif backend == "torch":
-            import torch
-
-            if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-                return "mixed_bfloat16"
-    except (ImportError, AttributeError, RuntimeError, ValueError):  # no accelerator info
-        return "float32"
-    return "float32"
-
-
 @dataclass
 class Assembly:
     model: object  # uint8 images -> class probabilities
@@ -534,8 +501,7 @@ def finetune(backbone: BackboneConfig, cfg: FinetuneConfig, paths: Paths = Paths
     from pipeline.backbones import get_backbone, load_backbone
     from pipeline.data import load_meta, load_split
 
-    precision = resolve_precision(cfg.precision)
-    keras.mixed_precision.set_dtype_policy(precision)
+    precision = use_precision(cfg.precision)
     meta = load_meta(paths.prepared)
     if not paths.best.is_file():
         raise FinetuneError(f"{paths.best} not found: run `dvc repro select`")

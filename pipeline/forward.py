@@ -44,7 +44,9 @@ class Forward:
         self._step = step
         distribution = keras.distribution.distribution()
         shape = (self.batch_size, *model.inputs[0].shape[1:])
-        self._sharding = distribution.get_data_layout(shape).backend_layout if distribution else None
+        self._sharding = (
+            distribution.get_data_layout(shape).backend_layout if distribution else None
+        )
 
     def _submit(self, batch: np.ndarray):
         if self._jax:

@@ -64,7 +64,9 @@ def _width(shape) -> int:
 
 def _bins(length: int, n: int) -> list[tuple[int, int]]:
     """Adaptive pooling bins: n windows covering `length`, each at least one wide."""
-    return [((i * length) // n, max(-(-(i + 1) * length // n), (i * length) // n + 1)) for i in range(n)]
+    return [
+        ((i * length) // n, max(-(-(i + 1) * length // n), (i * length) // n + 1)) for i in range(n)
+    ]
 
 
 def reduced_width(shape, mode: str) -> int:
@@ -92,5 +94,7 @@ def build_extractor(name: str, weights: str, size: int, layers: dict[str, str]):
     images = keras.Input((size, size, 3), dtype="uint8", name="images")
     outputs = trunk(Preprocess(name)(images))
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-    reduced = [Reduce(mode, name=f"{layer}_{mode}")(o) for (layer, mode), o in zip(layers.items(), outputs)]
+    reduced = [
+        Reduce(mode, name=f"{layer}_{mode}")(o) for (layer, mode), o in zip(layers.items(), outputs)
+    ]
     return keras.Model(images, reduced, name=f"{name}_extractor"), weights_used

@@ -12,7 +12,9 @@ def main() -> None:
     cfg = load_params().data
     prepared = prepare(cfg)
     meta = save_prepared(prepared, OUT)
-    print(f"prepared {meta['counts']} images of {cfg.size}x{cfg.size} in {len(meta['class_names'])} classes")
+    print(
+        f"prepared {meta['counts']} images of {cfg.size}x{cfg.size} in {len(meta['class_names'])} classes"
+    )
     if prepared.skipped:
         print(f"skipped {len(prepared.skipped)} unusable file(s); see {OUT / 'report.json'}")
 

@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -125,7 +125,9 @@ class FeatureFile:
         with h5py.File(self.path, "r") as f:
             return f["features"][layer][rows].astype(dtype)
 
-    def iter_batches(self, layer: str, batch_rows: int, dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_batches(
+        self, layer: str, batch_rows: int, dtype=np.float32
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(features, labels) in consecutive row blocks: memory bounded by `batch_rows`."""
         self._check_layer(layer)
         with h5py.File(self.path, "r") as f:
@@ -155,7 +157,9 @@ def open_features(path: str | Path, expect: dict | None = None) -> FeatureFile:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
             if not attrs.get("complete") or attrs.get("format_version") != FORMAT_VERSION:
-                raise FeatureStoreError(f"{path} is incomplete or of another format version: {rerun}")
+                raise FeatureStoreError(
+                    f"{path} is incomplete or of another format version: {rerun}"
+                )
             fingerprint = json.loads(attrs["fingerprint"])
             widths = {name: int(ds.shape[1]) for name, ds in f["features"].items()}
             labels = f["labels"][:]
@@ -178,7 +182,7 @@ def open_splits(directory: str | Path, expect: dict | None = None) -> dict[str, 
     """Open train/val/test and check that they come from one extraction."""
     files = {split: open_features(Path(directory) / f"{split}.h5", expect) for split in SPLITS}
     reference = files["train"]
-    for split, ff in files.items():
+    for _split, ff in files.items():
         if ff.fingerprint != reference.fingerprint or ff.class_names != reference.class_names:
             raise FeatureStoreError(
                 f"{ff.path} and {reference.path} come from different extractions: "

@@ -288,7 +288,9 @@ def numpy_reduce(x: np.ndarray, mode: str) -> np.ndarray:
     return np.concatenate(cells, axis=-1)
 
 
-def separate_layer_features(backbone, images: np.ndarray, layers: dict[str, str], preprocess=vgg_preprocess):
+def separate_layer_features(
+    backbone, images: np.ndarray, layers: dict[str, str], preprocess=vgg_preprocess
+):
     """The tutorial way, as a reference: one single-output model per layer, float32 input
     preprocessed in numpy, reductions in numpy. Returns {layer: (n, width) float64}."""
     import keras

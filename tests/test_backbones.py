@@ -25,13 +25,76 @@ from pipeline.layers import build_extractor
 # name, input side, {layer: expected output shape at that side}; the four layers are reduced
 # grid2, max, none, avg in this order (none goes on a small map).
 MODEL_LIST = [
-    ("vgg16", 32, {"block2_pool": (8, 8, 128), "block1_conv1": (32, 32, 64), "block4_pool": (2, 2, 512), "block5_pool": (1, 1, 512)}),
-    ("vgg19", 32, {"block3_conv4": (8, 8, 256), "block1_pool": (16, 16, 64), "block5_conv4": (2, 2, 512), "block5_pool": (1, 1, 512)}),
-    ("resnet50", 32, {"conv2_block3_out": (8, 8, 256), "conv1_relu": (16, 16, 64), "conv4_block6_out": (2, 2, 1024), "conv5_block3_out": (1, 1, 2048)}),
-    ("mobilenet_v2", 32, {"block_3_expand_relu": (8, 8, 144), "Conv1_relu": (16, 16, 32), "block_13_expand_relu": (2, 2, 576), "out_relu": (1, 1, 1280)}),
-    ("xception", 71, {"block4_pool": (5, 5, 728), "block1_conv1_act": (35, 35, 32), "block13_pool": (3, 3, 1024), "block14_sepconv2_act": (3, 3, 2048)}),
-    ("efficientnet_b0", 32, {"block3a_expand_activation": (8, 8, 144), "stem_activation": (16, 16, 32), "block6a_expand_activation": (2, 2, 672), "top_activation": (1, 1, 1280)}),
-    ("inception_v3", 75, {"mixed0": (7, 7, 256), "mixed2": (7, 7, 288), "mixed7": (3, 3, 768), "mixed10": (1, 1, 2048)}),
+    (
+        "vgg16",
+        32,
+        {
+            "block2_pool": (8, 8, 128),
+            "block1_conv1": (32, 32, 64),
+            "block4_pool": (2, 2, 512),
+            "block5_pool": (1, 1, 512),
+        },
+    ),
+    (
+        "vgg19",
+        32,
+        {
+            "block3_conv4": (8, 8, 256),
+            "block1_pool": (16, 16, 64),
+            "block5_conv4": (2, 2, 512),
+            "block5_pool": (1, 1, 512),
+        },
+    ),
+    (
+        "resnet50",
+        32,
+        {
+            "conv2_block3_out": (8, 8, 256),
+            "conv1_relu": (16, 16, 64),
+            "conv4_block6_out": (2, 2, 1024),
+            "conv5_block3_out": (1, 1, 2048),
+        },
+    ),
+    (
+        "mobilenet_v2",
+        32,
+        {
+            "block_3_expand_relu": (8, 8, 144),
+            "Conv1_relu": (16, 16, 32),
+            "block_13_expand_relu": (2, 2, 576),
+            "out_relu": (1, 1, 1280),
+        },
+    ),
+    (
+        "xception",
+        71,
+        {
+            "block4_pool": (5, 5, 728),
+            "block1_conv1_act": (35, 35, 32),
+            "block13_pool": (3, 3, 1024),
+            "block14_sepconv2_act": (3, 3, 2048),
+        },
+    ),
+    (
+        "efficientnet_b0",
+        32,
+        {
+            "block3a_expand_activation": (8, 8, 144),
+            "stem_activation": (16, 16, 32),
+            "block6a_expand_activation": (2, 2, 672),
+            "top_activation": (1, 1, 1280),
+        },
+    ),
+    (
+        "inception_v3",
+        75,
+        {
+            "mixed0": (7, 7, 256),
+            "mixed2": (7, 7, 288),
+            "mixed7": (3, 3, 768),
+            "mixed10": (1, 1, 2048),
+        },
+    ),
 ]
 MODES = ("grid2", "max", "none", "avg")
 
@@ -74,7 +137,9 @@ def test_unknown_backbone_lists_the_registry():
 
 
 def test_input_below_min_size_is_refused():
-    with pytest.raises(BackboneError, match="xception needs inputs of at least 71x71; data.size is 32"):
+    with pytest.raises(
+        BackboneError, match="xception needs inputs of at least 71x71; data.size is 32"
+    ):
         load_backbone("xception", "random", 32, ["block4_pool"])
 
 
@@ -112,7 +177,11 @@ def test_auto_named_layers_resolve_in_every_build():
     so another model built before must not shift the names the check saw."""
     get_backbone("xception").build(None, False, 71)  # advances Keras's name counters
     model, _ = load_backbone("xception", "random", 71, ["add_1", "block4_pool"])
-    assert tuple(model.get_layer("add_1").output.shape[1:]) == (9, 9, 256)  # 71 -> 35 -> 33 -> 17 (add) -> 9 (add_1)
+    assert tuple(model.get_layer("add_1").output.shape[1:]) == (
+        9,
+        9,
+        256,
+    )  # 71 -> 35 -> 33 -> 17 (add) -> 9 (add_1)
     again = get_backbone("xception").build(None, False, 71)
     assert [layer.name for layer in again.layers] == [layer.name for layer in model.layers]
 
@@ -132,7 +201,9 @@ def test_weights_file_gives_the_in_memory_models_features(project):
     perturb_weights(mine, seed=1)
     path = project.root / "mine.weights.h5"
     mine.save_weights(path)
-    project.write_params(backbone={"weights": "mine.weights.h5"}, replace={"extract.layers": layers})
+    project.write_params(
+        backbone={"weights": "mine.weights.h5"}, replace={"extract.layers": layers}
+    )
     project.main("prepare")
     project.main("extract")
 

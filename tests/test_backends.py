@@ -37,7 +37,9 @@ def project(tmp_path_factory) -> Path:
         "load_backbone('vgg16', 'random', 32, ['block5_pool'])[0].save_weights(sys.argv[1])"
     )
     subprocess.run(
-        [sys.executable, "-c", script, str(weights)], check=True, capture_output=True,
+        [sys.executable, "-c", script, str(weights)],
+        check=True,
+        capture_output=True,
         env={**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": "tensorflow"},
     )
     params = {

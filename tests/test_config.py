@@ -38,12 +38,18 @@ def test_small_params_and_defaults():
         ({"extract": {"storage_dtype": "int8"}}, ["extract.storage_dtype", "float16", "'int8'"]),
         ({"extract": {"precision": "bf16"}}, ["extract.precision", "mixed_bfloat16", "'bf16'"]),
         # numbers out of range
-        ({"extract": {"batch_size": -4}}, ["extract.batch_size", "greater than or equal to 1", "-4"]),
+        (
+            {"extract": {"batch_size": -4}},
+            ["extract.batch_size", "greater than or equal to 1", "-4"],
+        ),
         ({"extract": {"batch_size": 0}}, ["extract.batch_size", "0"]),
         ({"data": {"size": 4}}, ["data.size", "8", "4"]),
         ({"data": {"val_fraction": 1.5}}, ["data.val_fraction", "1.5"]),
         # unknown backbone: the accepted ones are listed
-        ({"backbone": {"name": "vgg17"}}, ["backbone.name", "unknown backbone 'vgg17'", "vgg16", "resnet50"]),
+        (
+            {"backbone": {"name": "vgg17"}},
+            ["backbone.name", "unknown backbone 'vgg17'", "vgg16", "resnet50"],
+        ),
         # bad reduction: the layer and the accepted reductions are named
         (
             {"extract": {"layers": {"block5_pool": "sum"}}},

@@ -101,13 +101,29 @@ def test_every_mode_decodes_to_the_right_rgb(tmp_path):
     cases = [
         (_solid(Image.new("L", (12, 12), 100), tmp_path / "l.png"), (100, 100, 100), 0),
         (_solid(transparent, tmp_path / "clear.png"), (255, 255, 255), 0),  # on white
-        (_solid(Image.new("RGBA", (12, 12), (10, 20, 30, 255)), tmp_path / "opaque.png"), (10, 20, 30), 0),
-        (_solid(Image.new("CMYK", (12, 12), (0, 255, 255, 0)), tmp_path / "red.jpg", quality=95), (255, 0, 0), 4),
-        (_solid(Image.fromarray(np.full((12, 12), 200 * 257, np.uint16)), tmp_path / "i16.png"), (200, 200, 200), 0),
+        (
+            _solid(Image.new("RGBA", (12, 12), (10, 20, 30, 255)), tmp_path / "opaque.png"),
+            (10, 20, 30),
+            0,
+        ),
+        (
+            _solid(Image.new("CMYK", (12, 12), (0, 255, 255, 0)), tmp_path / "red.jpg", quality=95),
+            (255, 0, 0),
+            4,
+        ),
+        (
+            _solid(Image.fromarray(np.full((12, 12), 200 * 257, np.uint16)), tmp_path / "i16.png"),
+            (200, 200, 200),
+            0,
+        ),
         (_solid(palette, tmp_path / "p.png"), (0, 128, 255), 0),
         (_solid(Image.new("1", (12, 12), 1), tmp_path / "one.png"), (255, 255, 255), 0),
         (_solid(Image.new("RGB", (12, 12), (255, 0, 0)), tmp_path / "red.gif"), (255, 0, 0), 0),
-        (_solid(Image.new("RGB", (12, 12), (0, 200, 50)), tmp_path / "g.webp", lossless=True), (0, 200, 50), 0),
+        (
+            _solid(Image.new("RGB", (12, 12), (0, 200, 50)), tmp_path / "g.webp", lossless=True),
+            (0, 200, 50),
+            0,
+        ),
     ]
     assert Image.open(tmp_path / "i16.png").mode == "I;16"
     assert Image.open(tmp_path / "red.gif").mode == "P"
@@ -146,8 +162,13 @@ def test_flat_folder_split_is_stratified_and_seeded(tmp_path, make_image_folder)
 
 def test_split_subfolders_with_validation_name(tmp_path, make_image_folder):
     root = make_image_folder(
-        tmp_path / "pre", layout="split",
-        splits={"train": {"a": 8, "b": 8}, "validation": {"a": 3, "b": 3}, "test": {"a": 2, "b": 2}},
+        tmp_path / "pre",
+        layout="split",
+        splits={
+            "train": {"a": 8, "b": 8},
+            "validation": {"a": 3, "b": 3},
+            "test": {"a": 2, "b": 2},
+        },
     )
     names, splits = folder_source(data_config(source="folder", path=str(root), limit=None))
     assert names == ["a", "b"]
@@ -158,17 +179,22 @@ def test_split_subfolders_with_validation_name(tmp_path, make_image_folder):
 
 def test_missing_val_is_carved_from_train(tmp_path, make_image_folder):
     root = make_image_folder(
-        tmp_path / "pre", layout="split",
+        tmp_path / "pre",
+        layout="split",
         splits={"train": {"a": 10, "b": 10}, "test": {"a": 3, "b": 3}},
     )
-    _, splits = folder_source(data_config(source="folder", path=str(root), limit=None, val_fraction=0.2))
+    _, splits = folder_source(
+        data_config(source="folder", path=str(root), limit=None, val_fraction=0.2)
+    )
     assert all(i.startswith("test/") for i in splits["test"].ids) and len(splits["test"].ids) == 6
     assert all(i.startswith("train/") for i in splits["val"].ids + splits["train"].ids)
     assert not set(splits["val"].ids) & set(splits["train"].ids)
     assert sorted(splits["val"].labels.tolist()) == [0, 0, 1, 1]  # 20% of train, stratified
     assert len(splits["train"].ids) == 16
 
-    only_train = make_image_folder(tmp_path / "only", layout="split", splits={"train": {"a": 10, "b": 10}})
+    only_train = make_image_folder(
+        tmp_path / "only", layout="split", splits={"train": {"a": 10, "b": 10}}
+    )
     _, splits = folder_source(data_config(source="folder", path=str(only_train), limit=None))
     sizes = {k: len(s.ids) for k, s in splits.items()}
     assert sizes == {"train": 12, "val": 4, "test": 4}
@@ -193,7 +219,8 @@ def test_missing_directory_and_unknown_split_classes_fail_fast(tmp_path, make_im
     with pytest.raises(DataError, match="data.path=.*nowhere.* is not a directory"):
         load_source(data_config(source="folder", path=str(tmp_path / "nowhere")))
     root = make_image_folder(
-        tmp_path / "pre", layout="split",
+        tmp_path / "pre",
+        layout="split",
         splits={"train": {"a": 5, "b": 5}, "val": {"a": 2, "zebra": 2}},
     )
     with pytest.raises(DataError, match="classes not in the training set: zebra"):
@@ -247,11 +274,15 @@ def test_keras_dataset_from_the_keras_cache(offline, monkeypatch):
     cached.parent.mkdir()
     np.savez(
         cached,
-        x_train=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y_train=np.arange(200) % 10,
-        x_test=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), y_test=np.arange(50) % 10,
+        x_train=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
+        y_train=np.arange(200) % 10,
+        x_test=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+        y_test=np.arange(50) % 10,
     )
     real = file_utils.validate_file
-    monkeypatch.setattr(file_utils, "validate_file", lambda p, *a, **k: str(p) == str(cached) or real(p, *a, **k))
+    monkeypatch.setattr(
+        file_utils, "validate_file", lambda p, *a, **k: str(p) == str(cached) or real(p, *a, **k)
+    )
     names, splits = load_source(data_config(source="mnist", limit=None, val_fraction=0.2))
     assert names == [str(i) for i in range(10)]
     assert {k: len(s.labels) for k, s in splits.items()} == {"train": 160, "val": 40, "test": 50}

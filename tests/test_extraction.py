@@ -33,16 +33,25 @@ def fingerprint_for(layers: dict, **extra) -> dict:
 
 def run_extract(model, images, labels, out, scratch, layers=LAYERS, batch_size=8, dtype="float32"):
     extract_split(
-        model, images, labels, out, fingerprint_for(layers),
+        model,
+        images,
+        labels,
+        out,
+        fingerprint_for(layers),
         {"split": "train", "class_names": ["a", "b", "c"]},
-        batch_size, dtype, scratch, desc="train",
+        batch_size,
+        dtype,
+        scratch,
+        desc="train",
     )
 
 
 # ---------------------------------------------------------------- one pass, every layer
 
 
-def test_one_pass_multi_layer_equals_separate_single_layer_models(tmp_path, small_chunks, rng_images):
+def test_one_pass_multi_layer_equals_separate_single_layer_models(
+    tmp_path, small_chunks, rng_images
+):
     images = rng_images(21, 32)  # not a multiple of the batch: the last batch is padded
     labels = np.arange(21) % 3
     model, _ = build_extractor("vgg16", "random", 32, LAYERS)
@@ -52,7 +61,12 @@ def test_one_pass_multi_layer_equals_separate_single_layer_models(tmp_path, smal
     ff = open_features(out, expect={"backbone": "vgg16"})
     backbone, _ = load_backbone("vgg16", "random", 32, list(LAYERS))
     want = separate_layer_features(backbone, images, LAYERS)
-    assert ff.widths == {"block2_pool": 128, "block3_pool": 4 * 256, "block4_pool": 512, "block5_pool": 512}
+    assert ff.widths == {
+        "block2_pool": 128,
+        "block3_pool": 4 * 256,
+        "block4_pool": 512,
+        "block5_pool": 512,
+    }
     for layer in LAYERS:
         got = ff.read(layer)
         assert got.shape == want[layer].shape
@@ -95,7 +109,9 @@ def test_adaptive_bins_reference():
     assert adaptive_bins(1, 2) == [(0, 1), (0, 1)]
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (2, 4, 4, 2), (3, 1, 1, 4), (1, 2, 3, 5), (2, 8, 8, 1)])
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 7, 3), (2, 4, 4, 2), (3, 1, 1, 4), (1, 2, 3, 5), (2, 8, 8, 1)]
+)
 @pytest.mark.parametrize("mode", ["none", "avg", "max", "grid1", "grid2", "grid3"])
 def test_reduce_matches_numpy(shape, mode):
     x = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
@@ -116,7 +132,12 @@ def test_reduce_vectors_pass_through_and_symbolic_shapes():
     np.testing.assert_allclose(np.asarray(Reduce("none")(v)), v)
     inputs = keras.Input((5, 7, 3))
     model = keras.Model(inputs, [Reduce(m)(inputs) for m in ("none", "avg", "max", "grid2")])
-    assert [tuple(o.shape) for o in model.outputs] == [(None, 105), (None, 3), (None, 3), (None, 12)]
+    assert [tuple(o.shape) for o in model.outputs] == [
+        (None, 105),
+        (None, 3),
+        (None, 3),
+        (None, 12),
+    ]
     assert Reduce.from_config(Reduce("grid3").get_config()).mode == "grid3"
 
 
@@ -129,9 +150,21 @@ def test_stale_or_mismatched_features_are_refused(tmp_path, rng_images):
     images, labels = rng_images(6, 32), np.zeros(6, int)
     for split in ("train", "val", "test"):
         fp = fingerprint_for(layers, data_sha256="other" if split == "test" else "same")
-        extract_split(model, images, labels, tmp_path / f"{split}.h5", fp,
-                      {"class_names": ["a"]}, 4, "float16", tmp_path / "s", desc=split)
-    with pytest.raises(FeatureStoreError, match="stale.*backbone='vgg16'.*'resnet50'.*dvc repro extract"):
+        extract_split(
+            model,
+            images,
+            labels,
+            tmp_path / f"{split}.h5",
+            fp,
+            {"class_names": ["a"]},
+            4,
+            "float16",
+            tmp_path / "s",
+            desc=split,
+        )
+    with pytest.raises(
+        FeatureStoreError, match="stale.*backbone='vgg16'.*'resnet50'.*dvc repro extract"
+    ):
         open_features(tmp_path / "train.h5", expect={"backbone": "resnet50"})
     with pytest.raises(FeatureStoreError, match="different extractions"):
         open_splits(tmp_path)
@@ -177,7 +210,9 @@ def test_resume_after_crash_recomputes_only_the_rest(tmp_path, small_chunks, rng
     out, scratch = tmp_path / "features" / "train.h5", tmp_path / "scratch"
 
     with pytest.raises(KeyboardInterrupt):
-        run_extract(model, CrashingImages(images, crash_at=10), labels, out, scratch, layers, batch_size=4)
+        run_extract(
+            model, CrashingImages(images, crash_at=10), labels, out, scratch, layers, batch_size=4
+        )
     assert not list(tmp_path.rglob("*.h5"))  # no features file, not even a partial one
     chunk_dir = scratch / fingerprint_key(fingerprint_for(layers)) / "train"
     writer = ChunkWriter(chunk_dir, {k: 1 for k in layers}, "float32", 4)
@@ -232,11 +267,15 @@ def test_killed_extract_cli_resumes_to_identical_features(project, monkeypatch):
 
     done = _chunk_rows(project.scratch, "train")
     assert 0 < done < n_train, f"killed after {done} of {n_train} rows: not part-way"
-    assert not list(project.root.glob("features/*.h5")) and not list(project.root.glob("features/*"))
+    assert not list(project.root.glob("features/*.h5")) and not list(
+        project.root.glob("features/*")
+    )
 
     resumed = project.run("extract", env={"PIPELINE_CHUNK_BYTES": "1"})
     first = re.search(r"train:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", resumed.stderr)
-    assert first and int(first.group(1)) >= done > 0, resumed.stderr[-2000:]  # started after the chunks
+    assert first and int(first.group(1)) >= done > 0, resumed.stderr[
+        -2000:
+    ]  # started after the chunks
     assert not list(project.scratch.glob("*/*/chunk_*.npz"))  # scratch cleaned once complete
 
     clean = project.root.parent / "clean"
@@ -253,7 +292,9 @@ def test_killed_extract_cli_resumes_to_identical_features(project, monkeypatch):
             np.testing.assert_array_equal(got[split].read(layer), want[split].read(layer))
 
 
-def test_crash_while_assembling_the_file_leaves_no_features_file(tmp_path, small_chunks, rng_images, monkeypatch):
+def test_crash_while_assembling_the_file_leaves_no_features_file(
+    tmp_path, small_chunks, rng_images, monkeypatch
+):
     """Killed while the HDF5 file is assembled from the chunks: out/ shows nothing, and the
     next run still finishes from the chunks."""
     from pipeline import store

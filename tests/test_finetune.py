@@ -412,7 +412,7 @@ def test_disabled_stage_writes_stubs_fast_without_tensorflow(tmp_path):
 
 
 def test_precision_param_is_validated_and_auto_resolves():
-    from pipeline.finetuning import resolve_precision
+    from pipeline.precision import resolve_precision
 
     assert parse_params({"finetune": {"precision": "auto"}}).finetune.precision == "auto"
     with pytest.raises(ConfigError, match="finetune.precision"):

@@ -39,7 +39,9 @@ def ran(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
-    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(REPO / "dvc.yaml", root)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(size=32, limit=150)
@@ -82,7 +84,9 @@ def test_head_experiment_reruns_only_the_changed_cells(project, reproduced):
 
 
 def test_layer_experiment_trains_nothing_new_and_ranks_one_layer(project, reproduced):
-    output = sh(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "train.layers=[block5_pool]")
+    output = sh(
+        project, sys.executable, "-m", "dvc", "exp", "run", "-S", "train.layers=[block5_pool]"
+    )
     assert "Stage 'extract' didn't change, skipping" in output
     assert not {s for s in ran(output) if s.startswith("train@")}
     rows = (project / "reports" / "leaderboard.csv").read_text().strip().splitlines()
@@ -99,8 +103,16 @@ def test_returning_to_an_earlier_backbone_restores_features_from_the_run_cache(p
 
 def test_finetune_enabled_reports_frozen_and_finetuned_side_by_side(project, reproduced):
     output = sh(
-        project, sys.executable, "-m", "dvc", "exp", "run",
-        "-S", "finetune.enabled=true", "-S", "finetune.epochs=1",
+        project,
+        sys.executable,
+        "-m",
+        "dvc",
+        "exp",
+        "run",
+        "-S",
+        "finetune.enabled=true",
+        "-S",
+        "finetune.epochs=1",
     )
     assert "finetune" in ran(output) and "extract" not in ran(output)
     test = json.loads((project / "metrics" / "test.json").read_text())

@@ -97,7 +97,9 @@ def test_leaderboard_rows_are_the_current_layers_x_heads(tmp_path):
     ]
     assert [line.split(" | ")[1] for line in table] == [r["cell"] for r in rows]
     first_expressible = next(i for i, r in enumerate(rows) if r["head"] in ("logreg", "dense"))
-    assert [r["cell"] for r in best["ranking"]] == [r["cell"] for r in rows[: first_expressible + 1]]
+    assert [r["cell"] for r in best["ranking"]] == [
+        r["cell"] for r in rows[: first_expressible + 1]
+    ]
     assert best["model"].endswith(
         f"heads/{best['cell']}/" + ("model.keras" if best["head"] == "dense" else "model.joblib")
     )
@@ -141,7 +143,7 @@ def test_ties_are_broken_by_macro_f1_then_fit_time(tmp_path):
     fake_cell(tmp_path, "a", "knn", val=0.9, test=0.5, val_f1=0.85, fit=9.0)
     fake_cell(tmp_path, "b", "logreg", val=0.9, test=0.5, val_f1=0.85, fit=2.0)
     fake_cell(tmp_path, "b", "knn", val=0.9, test=0.5, val_f1=0.85, fit=5.0)
-    best = run_select(tmp_path, ["a", "b"], ["logreg", "knn"])
+    run_select(tmp_path, ["a", "b"], ["logreg", "knn"])
     assert [r["cell"] for r in leaderboard(tmp_path)] == ["b-logreg", "b-knn", "a-knn", "a-logreg"]
 
 
