@@ -121,7 +121,7 @@ class FeatureFile:
     widths: dict[str, int]
 
     def read(self, layer: str, rows: slice = slice(None), dtype=np.float32) -> np.ndarray:
-        self._check_layer(layer)
+        self.check_layer(layer)
         with h5py.File(self.path, "r") as f:
             return f["features"][layer][rows].astype(dtype)
 
@@ -129,14 +129,15 @@ class FeatureFile:
         self, layer: str, batch_rows: int, dtype=np.float32
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(features, labels) in consecutive row blocks: memory bounded by `batch_rows`."""
-        self._check_layer(layer)
+        self.check_layer(layer)
         with h5py.File(self.path, "r") as f:
             ds = f["features"][layer]
             for start in range(0, len(self.labels), batch_rows):
                 stop = start + batch_rows
                 yield ds[start:stop].astype(dtype), self.labels[start:stop]
 
-    def _check_layer(self, layer: str) -> None:
+    def check_layer(self, layer: str) -> None:
+        """Raise FeatureStoreError, naming the cached layers, if `layer` is not one of them."""
         if layer not in self.widths:
             raise FeatureStoreError(
                 f"{self.path} has no layer {layer!r}; it holds {', '.join(self.widths)}. "

@@ -26,7 +26,7 @@ def train_cell(
     fit_seconds covers reading the training rows and fitting."""
     splits = open_splits(features, expect={"backbone": backbone})
     train, val, test = splits["train"], splits["val"], splits["test"]
-    train._check_layer(layer)  # FeatureStoreError naming the cached layers
+    train.check_layer(layer)
     cell, kind = f"{layer}-{head}", kind_of(head)
     out = Path(models) / cell
     shutil.rmtree(out, ignore_errors=True)
