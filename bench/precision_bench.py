@@ -11,7 +11,9 @@ logistic-regression head trained on each precision's features.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -20,7 +22,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import DataConfig
-from pipeline.data import SPLITS, prepare
+from pipeline.data import SPLITS, load_split, prepare
 from pipeline.forward import Forward
 from pipeline.layers import build_extractor
 
@@ -41,7 +43,12 @@ def main() -> None:
     ap.add_argument("--layers", default="block2_pool:avg,block5_pool:avg")
     args = ap.parse_args()
     layers = dict(item.split(":") for item in args.layers.split(","))
-    data = prepare(DataConfig(source="digits", size=args.size, limit=args.limit))
+    prepared = Path(tempfile.mkdtemp()) / "prepared"
+    prepare(DataConfig(source="digits", size=args.size, limit=args.limit), prepared)
+    images, labels = {}, {}
+    for split in SPLITS:
+        rows, labels[split] = load_split(prepared, split)
+        images[split] = np.asarray(rows)
 
     features: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     speed: dict[str, float] = {}
@@ -49,17 +56,17 @@ def main() -> None:
         keras.mixed_precision.set_dtype_policy(precision)
         model, weights = build_extractor(args.backbone, args.weights, args.size, layers)
         forward = Forward(model, args.batch_size)
-        forward.run(data.images["val"][: args.batch_size])  # compile
+        forward.run(images["val"][: args.batch_size])  # compile
         start = time.perf_counter()
-        outs = {split: forward.run(data.images[split]) for split in SPLITS}
-        n = sum(len(data.images[s]) for s in SPLITS)
+        outs = {split: forward.run(images[split]) for split in SPLITS}
+        n = sum(len(images[s]) for s in SPLITS)
         speed[precision] = n / (time.perf_counter() - start)
         features[precision] = {s: dict(zip(layers, outs[s])) for s in SPLITS}
     keras.mixed_precision.set_dtype_policy("float32")
 
     print(
         f"{args.backbone} ({weights} weights), {args.size}x{args.size}, digits, "
-        f"{sum(len(v) for v in data.labels.values())} images, backend {keras.backend.backend()}"
+        f"{sum(len(v) for v in labels.values())} images, backend {keras.backend.backend()}"
     )
     print(
         "| layer | compute | images/s | drift vs float32 | float16 storage drift | val acc | test acc |"
@@ -76,9 +83,9 @@ def main() -> None:
             stored = np.concatenate([ref[s][layer] for s in SPLITS])
             storage = rel_l2(stored.astype(np.float16).astype(np.float32), stored)
             head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-            head.fit(f["train"][layer], data.labels["train"])
-            val = head.score(f["val"][layer], data.labels["val"])
-            test = head.score(f["test"][layer], data.labels["test"])
+            head.fit(f["train"][layer], labels["train"])
+            val = head.score(f["val"][layer], labels["val"])
+            test = head.score(f["test"][layer], labels["test"])
             print(
                 f"| {layer} | {precision} | {speed[precision]:.0f} | {drift:.3%} | {storage:.3%} | {val:.3f} | {test:.3f} |"
             )

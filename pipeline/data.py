@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,17 +71,6 @@ class Split:
     images: np.ndarray | None = None  # (n, h, w) or (n, h, w, c) uint8
     paths: list[Path] | None = None
     ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Prepared:
-    """Decoded splits: images (n, size, size, 3) uint8, labels, ids; plus skipped files."""
-
-    class_names: list[str]
-    images: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-    ids: dict[str, list[str]]
-    skipped: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- splitting
@@ -299,16 +289,14 @@ def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
         raise ValueError(f"unreadable or truncated image: {exc}") from None
 
 
-def decode_split(
-    name: str, split: Split, cfg: DataConfig, workers: int = 4
-) -> tuple[np.ndarray, np.ndarray, list[str], list[dict]]:
-    """Decode and resize a split once; return images, labels, ids and the skipped files."""
+def decode_split(name: str, split: Split, cfg: DataConfig, workers: int = 4) -> Iterator[tuple]:
+    """Decode and resize a split once, in order: (index, image, None) for each usable item,
+    (index, None, reason) for each unusable file."""
     size = cfg.size
     if split.images is not None:
-        out = np.empty((len(split.labels), size, size, 3), np.uint8)
         for i, a in enumerate(tqdm(split.images, desc=f"resize {name}", unit="img", leave=False)):
-            out[i] = resize(Image.fromarray(np.asarray(a, np.uint8)), size, cfg.interpolation)
-        return out, split.labels, split.ids, []
+            yield i, resize(Image.fromarray(np.asarray(a, np.uint8)), size, cfg.interpolation), None
+        return
 
     def work(path: Path):
         try:
@@ -316,70 +304,98 @@ def decode_split(
         except ValueError as exc:
             return None, str(exc)
 
-    keep, images, skipped = [], [], []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(work, split.paths)
         for i, (img, reason) in enumerate(
             tqdm(results, total=len(split.paths), desc=f"decode {name}", unit="img")
         ):
-            if img is None:
-                if cfg.on_bad_image == "fail":
-                    raise DataError(f"{split.paths[i]}: {reason} (data.on_bad_image=fail)")
-                skipped.append({"path": split.ids[i], "split": name, "reason": reason})
-            else:
-                keep.append(i)
-                images.append(img)
-    out = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
-    return out, split.labels[keep], [split.ids[i] for i in keep], skipped
-
-
-def prepare(cfg: DataConfig) -> Prepared:
-    class_names, splits = load_source(cfg)
-    result = Prepared(class_names, {}, {}, {})
-    for name in SPLITS:
-        images, labels, ids, skipped = decode_split(name, splits[name], cfg)
-        result.images[name], result.labels[name], result.ids[name] = images, labels, ids
-        result.skipped += skipped
-    counts = np.bincount(result.labels["train"], minlength=len(class_names))
-    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        raise DataError(f"no usable training images left for class(es): {', '.join(empty)}")
-    for name in SPLITS:
-        if len(result.labels[name]) == 0:
-            raise DataError(f"the {name} split is empty: add images or change the fractions")
-    return result
+            yield i, img, reason
 
 
 # ---------------------------------------------------------------- on disk
 
 
-def save_prepared(p: Prepared, out: Path) -> dict:
-    """Write data/prepared/: <split>_images.npy, <split>_labels.npy, manifest, report, meta."""
+class NpyWriter:
+    """A .npy file written a row at a time (flat memory); the row count is set on close."""
+
+    def __init__(self, path: Path, row_shape: tuple, dtype, capacity: int):
+        self.path, self.count = Path(path), 0
+        self._header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+        }
+        self._row_shape, self._dtype = tuple(row_shape), np.dtype(dtype)
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._write_header(capacity)
+
+    def _write_header(self, rows: int) -> None:
+        # numpy pads the header so that the first axis can be rewritten in place
+        self._file.seek(0)
+        np.lib.format.write_array_header_1_0(
+            self._file, {**self._header, "shape": (rows, *self._row_shape)}
+        )
+
+    def append(self, row: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(row, self._dtype).tobytes())
+        self.count += 1
+
+    def close(self) -> int:
+        end = self._file.tell()
+        self._write_header(self.count)
+        self._file.seek(end)
+        self._file.close()
+        return self.count
+
+
+def prepare(cfg: DataConfig, out: Path) -> tuple[dict, list[dict]]:
+    """Write data/prepared/: <split>_images.npy (decoded once, streamed to disk),
+    <split>_labels.npy, manifest.csv, report.json and meta.json; return (meta, skipped)."""
+    class_names, splits = load_source(cfg)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    for name in SPLITS:
-        for kind, array in (
-            ("images", p.images[name]),
-            ("labels", p.labels[name].astype(np.int32)),
-        ):
-            np.save(out / f"{name}_{kind}.npy", array)
-            digest.update(name.encode() + kind.encode() + np.ascontiguousarray(array).tobytes())
-    with (out / "manifest.csv").open("w") as f:
-        f.write("split,index,label,source\n")
+    digest, skipped, labels = hashlib.sha256(), [], {}
+    with (out / "manifest.csv").open("w") as manifest:
+        manifest.write("split,index,label,source\n")
         for name in SPLITS:
-            for i, (label, src) in enumerate(zip(p.labels[name], p.ids[name])):
-                f.write(f"{name},{i},{p.class_names[label]},{json.dumps(src)}\n")
+            split = splits[name]
+            writer = NpyWriter(
+                out / f"{name}_images.npy", (cfg.size, cfg.size, 3), np.uint8, len(split.labels)
+            )
+            digest.update(f"{name}images".encode())
+            keep = []
+            for i, image, reason in decode_split(name, split, cfg):
+                if image is None:
+                    if cfg.on_bad_image == "fail":
+                        raise DataError(f"{split.paths[i]}: {reason} (data.on_bad_image=fail)")
+                    skipped.append({"path": split.ids[i], "split": name, "reason": reason})
+                    continue
+                manifest.write(
+                    f"{name},{len(keep)},{class_names[split.labels[i]]},{json.dumps(split.ids[i])}\n"
+                )
+                writer.append(image)
+                digest.update(image.tobytes())
+                keep.append(i)
+            writer.close()
+            labels[name] = split.labels[keep].astype(np.int32)
+            np.save(out / f"{name}_labels.npy", labels[name])
+            digest.update(f"{name}labels".encode() + labels[name].tobytes())
+    counts = np.bincount(labels["train"], minlength=len(class_names))
+    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(f"no usable training images left for class(es): {', '.join(empty)}")
+    for name in SPLITS:
+        if len(labels[name]) == 0:
+            raise DataError(f"the {name} split is empty: add images or change the fractions")
     meta = {
-        "class_names": p.class_names,
-        "counts": {name: int(len(p.labels[name])) for name in SPLITS},
-        "size": int(p.images["train"].shape[1]),
+        "class_names": class_names,
+        "counts": {name: len(labels[name]) for name in SPLITS},
+        "size": cfg.size,
         "sha256": digest.hexdigest(),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "report.json").write_text(
-        json.dumps({"skipped": p.skipped, "n_skipped": len(p.skipped)}, indent=2) + "\n"
-    )
-    return meta
+    report = {"skipped": skipped, "n_skipped": len(skipped)}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return meta, skipped
 
 
 def load_meta(directory: Path) -> dict:

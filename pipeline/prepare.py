@@ -3,20 +3,19 @@
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.data import prepare, save_prepared
+from pipeline.data import prepare
 
 OUT = Path("data/prepared")
 
 
 def main() -> None:
     cfg = load_params().data
-    prepared = prepare(cfg)
-    meta = save_prepared(prepared, OUT)
+    meta, skipped = prepare(cfg, OUT)
     print(
         f"prepared {meta['counts']} images of {cfg.size}x{cfg.size} in {len(meta['class_names'])} classes"
     )
-    if prepared.skipped:
-        print(f"skipped {len(prepared.skipped)} unusable file(s); see {OUT / 'report.json'}")
+    if skipped:
+        print(f"skipped {len(skipped)} unusable file(s); see {OUT / 'report.json'}")
 
 
 if __name__ == "__main__":

@@ -79,11 +79,11 @@ def test_bad_images_reported_and_skipped(project, messy_folder):
         assert len(images) == len(labels) == meta["counts"][split]
 
 
-def test_bad_image_with_on_bad_image_fail_names_the_file(messy_folder):
+def test_bad_image_with_on_bad_image_fail_names_the_file(messy_folder, tmp_path):
     root, bad = messy_folder
     cfg = data_config(source="folder", path=str(root), size=16, limit=None, on_bad_image="fail")
     with pytest.raises(DataError) as info:
-        prepare(cfg)
+        prepare(cfg, tmp_path / "prepared")
     message = str(info.value)
     named = [name for name in bad if str(root / "dog" / name) in message]
     assert len(named) == 1 and bad[named[0]] in message and "on_bad_image=fail" in message
@@ -233,7 +233,7 @@ def test_class_left_without_usable_images_fails(tmp_path, make_image_folder):
     for i in range(10):
         (root / "b" / f"{i}.png").write_text("not an image")
     with pytest.raises(DataError, match="no usable training images left for class\\(es\\): b"):
-        prepare(data_config(source="folder", path=str(root), size=8, limit=None))
+        prepare(data_config(source="folder", path=str(root), size=8, limit=None), tmp_path / "out")
 
 
 # ---------------------------------------------------------------- digits and keras.datasets

@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from pipeline.config import BackboneConfig, ConfigError, DataConfig, FinetuneConfig, parse_params
-from pipeline.data import load_meta, load_split, prepare, save_prepared
+from pipeline.data import load_meta, load_split, prepare
 
 BACKBONE, LAYER, REDUCTION, UNFREEZE = "mobilenet_v2", "block_5_add", "avg", "block_4_expand"
 LINEAR = {
@@ -50,7 +50,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("finetune")
     prepared = root / "data" / "prepared"
-    save_prepared(prepare(DataConfig(source="digits", size=32, limit=60)), prepared)
+    prepare(DataConfig(source="digits", size=32, limit=60), prepared)
     meta = load_meta(prepared)
     data = {s: load_split(prepared, s) for s in ("train", "val", "test")}
     extractor, weights = build_extractor(BACKBONE, "random", 32, {LAYER: REDUCTION})
