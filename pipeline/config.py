@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.backbones import BACKBONE_NAMES
 
-SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder")
 HEADS = ("logreg", "linear_svm", "knn", "random_forest", "dense")
 REDUCTION_PATTERN = re.compile(r"^(none|avg|max|grid[1-9])$")
 

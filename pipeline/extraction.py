@@ -24,11 +24,6 @@ def versions() -> dict:
     }
 
 
-def predict_batches(model, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Outputs of `model` on uint8 `images`, in fixed-shape batches (the last one padded)."""
-    return forward_for(model, batch_size).run(images)
-
-
 def rows_per_chunk(widths: dict[str, int], itemsize: int, batch_size: int) -> int:
     row_bytes = sum(widths.values()) * itemsize
     batches = max(1, store.TARGET_CHUNK_BYTES // max(1, row_bytes * batch_size))

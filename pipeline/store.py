@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,17 +123,6 @@ class FeatureFile:
         self.check_layer(layer)
         with h5py.File(self.path, "r") as f:
             return f["features"][layer][rows].astype(dtype)
-
-    def iter_batches(
-        self, layer: str, batch_rows: int, dtype=np.float32
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(features, labels) in consecutive row blocks: memory bounded by `batch_rows`."""
-        self.check_layer(layer)
-        with h5py.File(self.path, "r") as f:
-            ds = f["features"][layer]
-            for start in range(0, len(self.labels), batch_rows):
-                stop = start + batch_rows
-                yield ds[start:stop].astype(dtype), self.labels[start:stop]
 
     def check_layer(self, layer: str) -> None:
         """Raise FeatureStoreError, naming the cached layers, if `layer` is not one of them."""
