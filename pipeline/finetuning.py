@@ -213,9 +213,8 @@ def load_keras_head(path: Path):
 def head_to_keras(spec: HeadSpec, n_classes: int):
     """(Keras model features -> probabilities initialised from the head, frozen predict fn)."""
     if spec.kind == "keras":
-        model = load_keras_head(spec.model_path)
-        reference = load_keras_head(spec.model_path)
-        return model, lambda x: np.argmax(reference.predict(x, verbose=0), axis=1)
+        model = load_keras_head(spec.model_path)  # its own predictions are taken before training
+        return model, lambda x: np.argmax(model.predict(x, verbose=0), axis=1)
     if spec.kind == "sklearn":
         import joblib
 
@@ -563,7 +562,6 @@ def finetune(backbone: BackboneConfig, cfg: FinetuneConfig, paths: Paths = Paths
         paths.out / MODEL_FILE
     )
     write_history(paths.plots / HISTORY_FILE, rows)
-    write_history(paths.out / HISTORY_FILE, rows)
     plot_curves(rows, paths.plots / CURVES_FILE)
     report = {
         "enabled": True,

@@ -39,9 +39,8 @@ MIN_BLOCK_ROWS = 64
 # Peak memory of the memory path over the float32 matrix size (measured on 3000 x 25088:
 # ~3.3x; LinearSVC ~8x, liblinear copies the data into its own float64 format).
 MEMORY_FACTOR = {"logreg": 4, "linear_svm": 9, "knn": 4, "random_forest": 4, "dense": 4}
-BLOCK_COPIES = (
-    8  # a streamed block lives in ~5 copies at once (float16, float32, reordered, scaled)
-)
+# A streamed block lives in ~5 copies at once (float16, float32, reordered, scaled); 8 leaves room.
+BLOCK_COPIES = 8
 PIECES_PER_BLOCK = 8  # a shuffled block joins this many contiguous pieces from random places
 SGD_TOL, SGD_NO_CHANGE = 1e-3, 5  # scikit-learn's SGD defaults
 
@@ -270,11 +269,16 @@ def fit_dense(
 
     keras.utils.set_random_seed(cfg.seed)
     d = cfg.dense
-    scaler = fit_scaler(train, layer, plan)
-    model = build_dense(train.widths[layer], len(train.class_names), d, scaler.mean_, scaler.var_)
+    if plan.path == "memory":
+        x = train.read(layer)
+        mean, variance = x.mean(axis=0), x.var(axis=0)
+    else:
+        scaler = fit_scaler(train, layer, plan)
+        mean, variance = scaler.mean_, scaler.var_
+    model = build_dense(train.widths[layer], len(train.class_names), d, mean, variance)
     if plan.path == "memory":
         data = {
-            "x": train.read(layer),
+            "x": x,
             "y": train.labels,
             "batch_size": d.batch_size,
             "validation_data": (val.read(layer), val.labels),
