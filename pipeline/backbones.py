@@ -5,11 +5,13 @@ Keras is imported lazily so that reading params does not pay for it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from pipeline.records import file_sha256
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class Backbone:
     min_size: int  # smallest input side the model accepts without its top
     top_size: int  # the fixed input side the classification top (fc1, fc2, predictions) needs
     unfreeze_from: str  # default first trainable layer for fine-tuning: the last block
+    weights_prefix: str  # how Keras's ImageNet weights files for this model begin
 
     def _module(self):
         return importlib.import_module(f"keras.applications.{self.module}")
@@ -43,15 +46,35 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vgg16", "vgg16", "VGG16", 32, 224, "block5_conv1"),
-        Backbone("vgg19", "vgg19", "VGG19", 32, 224, "block5_conv1"),
-        Backbone("resnet50", "resnet50", "ResNet50", 32, 224, "conv5_block1_1_conv"),
-        Backbone("mobilenet_v2", "mobilenet_v2", "MobileNetV2", 32, 224, "block_16_expand"),
-        Backbone("xception", "xception", "Xception", 71, 299, "block14_sepconv1"),
+        Backbone("vgg16", "vgg16", "VGG16", 32, 224, "block5_conv1", "vgg16_weights"),
+        Backbone("vgg19", "vgg19", "VGG19", 32, 224, "block5_conv1", "vgg19_weights"),
         Backbone(
-            "efficientnet_b0", "efficientnet", "EfficientNetB0", 32, 224, "block7a_expand_conv"
+            "resnet50", "resnet50", "ResNet50", 32, 224, "conv5_block1_1_conv", "resnet50_weights"
         ),
-        Backbone("inception_v3", "inception_v3", "InceptionV3", 75, 299, "mixed8"),
+        Backbone(
+            "mobilenet_v2",
+            "mobilenet_v2",
+            "MobileNetV2",
+            32,
+            224,
+            "block_16_expand",
+            "mobilenet_v2_weights",
+        ),
+        Backbone(
+            "xception", "xception", "Xception", 71, 299, "block14_sepconv1", "xception_weights"
+        ),
+        Backbone(
+            "efficientnet_b0",
+            "efficientnet",
+            "EfficientNetB0",
+            32,
+            224,
+            "block7a_expand_conv",
+            "efficientnetb0",
+        ),
+        Backbone(
+            "inception_v3", "inception_v3", "InceptionV3", 75, 299, "mixed8", "inception_v3_weights"
+        ),
     )
 }
 BACKBONE_NAMES = tuple(BACKBONES)
@@ -74,12 +97,32 @@ def list_backbones() -> tuple[str, ...]:
     return BACKBONE_NAMES
 
 
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def keras_models_dir() -> Path:
+    """Where Keras caches downloaded weights (`$KERAS_HOME/models`, by default ~/.keras/models)."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def imagenet_cached(name: str) -> bool:
+    prefix = get_backbone(name).weights_prefix
+    folder = keras_models_dir()
+    return folder.is_dir() and any(p.name.startswith(prefix) for p in folder.iterdir())
+
+
+def weights_identity(name: str, weights: str) -> str:
+    """What `backbone.weights` resolves to, without building the model: `random`, `imagenet`
+    (Keras checks the file's hash itself), `file:sha256:<digest>`, or for `auto` without cached
+    ImageNet weights `auto:not-cached` (extract tries the download, else uses random)."""
+    if weights in ("random", "imagenet"):
+        return weights
+    if weights == "auto":
+        return "imagenet" if imagenet_cached(name) else "auto:not-cached"
+    path = Path(weights)
+    if not path.is_file():
+        raise BackboneError(
+            f"backbone.weights: no such weights file {weights!r}; give auto, imagenet, random or "
+            "the path of a weights file"
+        )
+    return f"file:sha256:{file_sha256(path)}"
 
 
 @cache
@@ -123,7 +166,7 @@ def _load(spec: Backbone, weights: str, include_top: bool, size: int):
             f"backbone.weights: {weights!r} does not fit {spec.name} "
             f"(include_top={include_top}, input {size}x{size}): {exc}"
         ) from exc
-    return model, f"file:sha256:{file_digest(path)[:16]}"
+    return model, f"file:sha256:{file_sha256(path)}"
 
 
 def load_backbone(name: str, weights: str, size: int, layers: list[str] | tuple[str, ...]):
@@ -135,7 +178,7 @@ def load_backbone(name: str, weights: str, size: int, layers: list[str] | tuple[
     spec = get_backbone(name)
     if size < spec.min_size:
         raise BackboneError(
-            f"{name} needs inputs of at least {spec.min_size}x{spec.min_size}; data.size is {size}"
+            f"{name} needs inputs of at least {spec.min_size}x{spec.min_size}; data.image_size is {size}"
         )
     base = set(layer_names(name, False, max(size, spec.min_size)))
     missing = [layer for layer in layers if layer not in base]
@@ -150,7 +193,7 @@ def load_backbone(name: str, weights: str, size: int, layers: list[str] | tuple[
         if size != spec.top_size:
             raise BackboneError(
                 f"layer(s) {missing} belong to {name}'s classification top, which takes "
-                f"{spec.top_size}x{spec.top_size} inputs only; data.size is {size}. Set "
-                f"data.size: {spec.top_size} or choose convolutional layers."
+                f"{spec.top_size}x{spec.top_size} inputs only; data.image_size is {size}. Set "
+                f"data.image_size: {spec.top_size} or choose convolutional layers."
             )
     return _load(spec, weights, include_top, size)

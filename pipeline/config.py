@@ -17,6 +17,8 @@ from pipeline.backbones import BACKBONE_NAMES
 
 HEADS = ("logreg", "linear_svm", "knn", "random_forest", "dense")
 REDUCTION_PATTERN = re.compile(r"^(none|avg|max|grid[1-9])$")
+# Layer names become output paths (models/heads/<layer>-<head>): one plain path component.
+LAYER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class ConfigError(ValueError):
@@ -30,7 +32,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder"] = "digits"
     path: str | None = None
-    size: int = Field(224, ge=8, le=1024)
+    image_size: int = Field(224, ge=8, le=1024)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = (
         "bilinear"
     )
@@ -86,12 +88,29 @@ class ExtractConfig(_Section):
         if not v:
             raise ValueError("at least one layer is needed")
         for layer, red in v.items():
+            _check_layer_name(layer)
             if not isinstance(red, str) or not REDUCTION_PATTERN.match(red):
                 raise ValueError(
                     f"reduction of layer {layer!r} must be one of none, avg, max, grid1..grid9; "
                     f"got {red!r}"
                 )
         return v
+
+
+def _check_layer_name(layer: str) -> None:
+    if not isinstance(layer, str) or not LAYER_NAME_PATTERN.match(layer):
+        raise ValueError(
+            f"layer name {layer!r} is not a Keras layer name (letters, digits, '_', '.', '-'; "
+            "no '/' and not starting with '.')"
+        )
+
+
+def _check_list(name: str, items: list) -> None:
+    if not items:
+        raise ValueError(f"train.{name} is empty; list at least one")
+    repeated = sorted({str(x) for x in items if items.count(x) > 1})
+    if repeated:
+        raise ValueError(f"train.{name} lists {', '.join(repeated)} more than once")
 
 
 class LogregConfig(_Section):
@@ -134,6 +153,20 @@ class TrainConfig(_Section):
     random_forest: RandomForestConfig = RandomForestConfig()
     dense: DenseConfig = DenseConfig()
 
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[str]) -> list[str]:
+        _check_list("layers", v)
+        for layer in v:
+            _check_layer_name(layer)
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: list[str]) -> list[str]:
+        _check_list("heads", v)
+        return v
+
 
 class SelectConfig(_Section):
     metric: Literal["val_accuracy", "val_macro_f1"] = "val_accuracy"
@@ -159,9 +192,28 @@ class Params(_Section):
     select: SelectConfig = SelectConfig()
     finetune: FinetuneConfig = FinetuneConfig()
 
+    @model_validator(mode="after")
+    def _train_layers_extracted(self) -> Params:
+        missing = [layer for layer in self.train.layers if layer not in self.extract.layers]
+        if missing:
+            raise ValueError(
+                f"train.layers {missing} are not in extract.layers "
+                f"({', '.join(self.extract.layers)}); add them there or drop them from train.layers"
+            )
+        return self
+
+
+# Keys that were renamed; DVC's run-cache ignores any param named `size` (treeverse/dvc#10296).
+RENAMED = {"data.size": "data.image_size"}
+
 
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:
+        return message
+    if key in RENAMED:
+        return f"{key} is now called {RENAMED[key]}: rename it in params.yaml"
     if error["type"] == "extra_forbidden":
         parent = error["loc"][:-1]
         model = Params
@@ -169,7 +221,6 @@ def _describe(error: dict) -> str:
             model = model.model_fields[part].annotation
         accepted = ", ".join(model.model_fields)
         return f"unknown key {key!r}; accepted keys here: {accepted}"
-    message = error["msg"].removeprefix("Value error, ")
     return f"{key}: {message} (got {error['input']!r})"
 
 

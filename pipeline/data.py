@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,8 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from pipeline.config import DataConfig
+from pipeline.provenance import code_digest
+from pipeline.records import PreparedRecord, SourceRecord, file_sha256
 
 SPLITS = ("train", "val", "test")
 KERAS_SETS = {
@@ -242,6 +246,29 @@ def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
     return class_names, _limit({k: splits[k] for k in SPLITS}, cfg.limit, cfg.seed)
 
 
+def source_record(cfg: DataConfig) -> SourceRecord:
+    """The source's identity; for a folder, a digest of every file's path, length and mtime
+    (as rsync and DVC judge a file unchanged), so adding, removing or editing one shows."""
+    if cfg.source != "folder":
+        return SourceRecord(source=cfg.source, path=None, files=0, files_sha256="")
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(
+            f"data.path={cfg.path!r} is not a directory; give a folder of class folders"
+        )
+    h, count = hashlib.sha256(), 0
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = Path(folder) / name
+            st = path.stat()
+            h.update(
+                f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+            )
+            count += 1
+    return SourceRecord(source="folder", path=cfg.path, files=count, files_sha256=h.hexdigest())
+
+
 def load_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
     if cfg.source == "digits":
         return digits_source(cfg)
@@ -292,7 +319,7 @@ def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
 def decode_split(name: str, split: Split, cfg: DataConfig, workers: int = 4) -> Iterator[tuple]:
     """Decode and resize a split once, in order: (index, image, None) for each usable item,
     (index, None, reason) for each unusable file."""
-    size = cfg.size
+    size = cfg.image_size
     if split.images is not None:
         for i, a in enumerate(tqdm(split.images, desc=f"resize {name}", unit="img", leave=False)):
             yield i, resize(Image.fromarray(np.asarray(a, np.uint8)), size, cfg.interpolation), None
@@ -347,21 +374,35 @@ class NpyWriter:
         return self.count
 
 
-def prepare(cfg: DataConfig, out: Path) -> tuple[dict, list[dict]]:
+def prepare(cfg: DataConfig, out: Path) -> tuple[PreparedRecord, list[dict]]:
     """Write data/prepared/: <split>_images.npy (decoded once, streamed to disk),
-    <split>_labels.npy, manifest.csv, report.json and meta.json; return (meta, skipped)."""
+    <split>_labels.npy, manifest.csv, report.json and meta.json (a PreparedRecord); return
+    (record, skipped). Written into `<out>.partial` and renamed: never seen half-made."""
+    source, code = source_record(cfg), code_digest("prepare")  # what this run reads
     class_names, splits = load_source(cfg)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    digest, skipped, labels = hashlib.sha256(), [], {}
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        record, skipped = _write_prepared(cfg, tmp, class_names, splits, source, code)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record, skipped
+
+
+def _write_prepared(cfg, out: Path, class_names, splits, source, code):
+    side, skipped, labels = cfg.image_size, [], {}
     with (out / "manifest.csv").open("w") as manifest:
         manifest.write("split,index,label,source\n")
         for name in SPLITS:
             split = splits[name]
             writer = NpyWriter(
-                out / f"{name}_images.npy", (cfg.size, cfg.size, 3), np.uint8, len(split.labels)
+                out / f"{name}_images.npy", (side, side, 3), np.uint8, len(split.labels)
             )
-            digest.update(f"{name}images".encode())
             keep = []
             for i, image, reason in decode_split(name, split, cfg):
                 if image is None:
@@ -373,12 +414,10 @@ def prepare(cfg: DataConfig, out: Path) -> tuple[dict, list[dict]]:
                     f"{name},{len(keep)},{class_names[split.labels[i]]},{json.dumps(split.ids[i])}\n"
                 )
                 writer.append(image)
-                digest.update(image.tobytes())
                 keep.append(i)
             writer.close()
             labels[name] = split.labels[keep].astype(np.int32)
             np.save(out / f"{name}_labels.npy", labels[name])
-            digest.update(f"{name}labels".encode() + labels[name].tobytes())
     counts = np.bincount(labels["train"], minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
@@ -386,23 +425,20 @@ def prepare(cfg: DataConfig, out: Path) -> tuple[dict, list[dict]]:
     for name in SPLITS:
         if len(labels[name]) == 0:
             raise DataError(f"the {name} split is empty: add images or change the fractions")
-    meta = {
-        "class_names": class_names,
-        "counts": {name: len(labels[name]) for name in SPLITS},
-        "size": cfg.size,
-        "sha256": digest.hexdigest(),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    report = {"skipped": skipped, "n_skipped": len(skipped)}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return meta, skipped
-
-
-def load_meta(directory: Path) -> dict:
-    path = Path(directory) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `dvc repro prepare` first")
-    return json.loads(path.read_text())
+    (out / "report.json").write_text(
+        json.dumps({"skipped": skipped, "n_skipped": len(skipped)}, indent=2) + "\n"
+    )
+    record = PreparedRecord(
+        data=cfg.model_dump(mode="json"),
+        source=source.digest,
+        code=code,
+        class_names=class_names,
+        counts={name: len(labels[name]) for name in SPLITS},
+        image_size=side,
+        sha256={f.name: file_sha256(f) for f in sorted(out.glob("*.npy"))},
+    )
+    record.write(out / "meta.json")
+    return record, skipped
 
 
 class NpyRows:
@@ -425,6 +461,14 @@ class NpyRows:
             raise DataError(f"{self.path} is in Fortran order; re-run `dvc repro prepare`")
         self._offset = self._file.tell()
         self._row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        length = os.fstat(self._file.fileno()).st_size
+        if length != self._offset + self.shape[0] * self._row_bytes:
+            self._file.close()
+            raise DataError(
+                f"{self.path} holds {length} bytes, its header promises "
+                f"{self._offset + self.shape[0] * self._row_bytes}: truncated or damaged; "
+                "run `dvc repro prepare`"
+            )
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -454,7 +498,20 @@ class NpyRows:
         return self[:] if dtype is None else self[:].astype(dtype)
 
 
-def load_split(directory: Path, split: str) -> tuple[NpyRows, np.ndarray]:
-    """Images (read on demand) and labels of one prepared split: never decoded again."""
+def load_split(
+    directory: Path, split: str, record: PreparedRecord | None = None
+) -> tuple[NpyRows, np.ndarray]:
+    """Images (read on demand) and labels of one prepared split: never decoded again.
+
+    Refuses files of the wrong length, and image and label counts that disagree with each
+    other or with `record`."""
     directory = Path(directory)
-    return NpyRows(directory / f"{split}_images.npy"), np.load(directory / f"{split}_labels.npy")
+    images = NpyRows(directory / f"{split}_images.npy")
+    labels = np.load(directory / f"{split}_labels.npy")
+    want = record.counts[split] if record else len(labels)
+    if not len(images) == len(labels) == want:
+        raise DataError(
+            f"{directory}: the {split} split has {len(images)} images and {len(labels)} labels, "
+            f"meta.json says {want}: run `dvc repro prepare`"
+        )
+    return images, labels

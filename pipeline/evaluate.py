@@ -2,14 +2,17 @@
 
 import json
 
+from pipeline.config import load_params
 from pipeline.evaluation import evaluate
-from pipeline.store import FeatureStoreError
+from pipeline.provenance import expected_features
+from pipeline.records import RecordError
 
 
 def main() -> None:
+    params = load_params()
     try:
-        result = evaluate()
-    except (FeatureStoreError, FileNotFoundError) as exc:
+        result = evaluate(params.train, expected_features(params))
+    except (RecordError, FileNotFoundError) as exc:
         raise SystemExit(f"evaluate: {exc}") from None
     print(json.dumps(result, indent=2))
 

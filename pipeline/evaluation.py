@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import HEADS
-from pipeline.heads import Plan, load_head, predict, scores
-from pipeline.store import FeatureStoreError, open_features
+from pipeline import paths
+from pipeline.config import HEADS, TrainConfig
+from pipeline.heads import Plan, load_head, predict, read_head, scores
+from pipeline.provenance import code_digest, head_params
+from pipeline.records import BestChoice, RecordError
+from pipeline.store import open_features
 
 
 def write_confusion(
@@ -79,33 +82,45 @@ def layer_chart(
 
 
 def evaluate(
-    features: Path = Path("features"),
-    best_file: Path = Path("models/best.json"),
+    train: TrainConfig,
+    expect: dict | None,
+    features: Path = paths.FEATURES,
+    best_file: Path = paths.BEST,
     leaderboard: Path = Path("reports/leaderboard.csv"),
     finetune_file: Path = Path("metrics/finetune.json"),
     out: Path = Path("metrics/test.json"),
     plots: Path = Path("plots"),
-    max_memory_mb: int = 2048,
 ) -> dict:
-    """Score the best frozen head on the test split; write test.json, confusion CSVs, layers.png."""
-    best = json.loads(Path(best_file).read_text())
-    model, info = load_head(Path(best["model"]).parent)
-    test = open_features(
-        Path(features) / "test.h5", expect={"backbone": info["fingerprint"]["backbone"]}
-    )
-    if test.fingerprint != info["fingerprint"]:
-        raise FeatureStoreError(
-            f"{best['model']} was trained on other features than {test.path}: "
-            "run `dvc repro` to retrain the heads"
+    """Score the best frozen head on the test split; write test.json, confusion CSVs, layers.png.
+
+    The test features must match `expect` (the current params and code), the head must have been
+    trained on them under the current `train` params, and its model file must have the digest
+    best.json recorded, checked before it is deserialised."""
+    best = BestChoice.read(best_file, "dvc repro select")
+    test = open_features(Path(features) / "test.h5", expect)
+    if best.features != test.fingerprint.digest:
+        raise RecordError(
+            f"{best_file} was chosen among heads trained on other features than {test.path}: "
+            "run `dvc repro train select`"
         )
-    layer = info["layer"]
+    directory = Path(best.model).parent
+    expect_head = {
+        "cell": best.cell,
+        "params": head_params(train, best.head),
+        "features": test.fingerprint.model_dump(mode="json"),
+        "code": code_digest("train"),
+    }
+    info = read_head(directory, expect_head, model_sha256=best.ranking[0].model_sha256)
+    model = load_head(directory, info)
+    max_memory_mb = train.max_memory_mb
+    layer = info.layer
     plan = Plan.for_matrix(len(test.labels), test.widths[layer], max_memory_mb)
-    predicted = predict(model, info["kind"], test, layer, plan.block_rows)
+    predicted = predict(model, info.kind, test, layer, plan.block_rows)
     acc, f1 = scores(test.labels, predicted, len(test.class_names))
-    val_acc = best["ranking"][0]["val_accuracy"]
+    val_acc = best.ranking[0].val_accuracy
     result = {
         "frozen": {
-            "cell": best["cell"],
+            "cell": best.cell,
             "test_accuracy": round(acc, 6),
             "test_macro_f1": round(f1, 6),
             "val_accuracy": val_acc,
@@ -121,14 +136,14 @@ def evaluate(
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     for name in ("confusion.csv", "confusion_normalized.csv"):
         write_confusion(Path(plots) / name, test.class_names, test.labels, predicted)
-    fp = info["fingerprint"]
+    fp = test.fingerprint
     with Path(leaderboard).open() as f:
         ranking = [{**r, "val_accuracy": float(r["val_accuracy"])} for r in csv.DictReader(f)]
     layer_chart(
         Path(plots) / "layers.png",
         ranking,
-        list(fp["layers"]),
-        f"Validation accuracy by layer and head: {fp['backbone']} ({fp['weights']} weights); "
+        list(fp.layers),
+        f"Validation accuracy by layer and head: {fp.backbone['name']} ({fp.weights_used} weights); "
         "\u2605 selected",
         1.0 / len(test.class_names),
     )

@@ -1,16 +1,27 @@
-"""One forward pass over prepared images, every requested layer streamed into the store."""
+"""One forward pass over prepared images, every requested layer streamed into the store.
+
+The scratch directory `.cache/extract/<fingerprint key>/` holds finished chunks and finished
+splits until all three splits are done; it is locked while a run uses it, and the folders of
+other fingerprints (abandoned runs) are removed when no run holds them.
+"""
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from pipeline import store
+from pipeline.data import load_split
 from pipeline.forward import forward_for
-from pipeline.store import ChunkWriter, fingerprint_key
+from pipeline.records import Fingerprint, PreparedRecord, file_sha256
+from pipeline.store import SPLITS, ChunkWriter, FeatureStoreError, open_features
+
+LOCK_WAIT_S = 5
 
 
 def versions() -> dict:
@@ -30,22 +41,43 @@ def rows_per_chunk(widths: dict[str, int], itemsize: int, batch_size: int) -> in
     return batches * batch_size
 
 
+def _lock(scratch_root: Path, key: str) -> FileLock:
+    return FileLock(str(scratch_root / f"{key}.lock"))
+
+
+def remove_abandoned(scratch_root: Path, keep: str) -> None:
+    """Delete scratch folders of other fingerprints that no running extract holds."""
+    for folder in Path(scratch_root).iterdir():
+        if not folder.is_dir() or folder.name == keep:
+            continue
+        try:
+            with _lock(scratch_root, folder.name).acquire(timeout=0):
+                shutil.rmtree(folder, ignore_errors=True)
+            print(f"removed abandoned scratch {folder}")
+        except Timeout:
+            continue
+
+
 def extract_split(
     model,
     images: np.ndarray,
     labels: np.ndarray,
     out: Path,
-    fingerprint: dict,
+    fingerprint: Fingerprint,
     attrs: dict,
     batch_size: int,
-    storage_dtype: str,
-    scratch_root: Path,
+    scratch: Path,
     desc: str = "extract",
+    images_sha256: tuple[Path, str] | None = None,
 ) -> None:
-    """Stream `images` through `model` into `out`; resume from `scratch_root` after a crash."""
-    layers = list(fingerprint["layers"])
+    """Stream `images` through `model` into `out`, resuming from the chunks in `scratch`.
+
+    `images_sha256` (file, digest): the images' file is hashed while the model runs, and the
+    features are refused (and their chunks dropped) if it does not match.
+    """
+    layers = list(fingerprint.layers)
+    storage_dtype = fingerprint.extract["storage_dtype"]
     widths = {layer: int(o.shape[-1]) for layer, o in zip(layers, model.outputs)}
-    scratch = Path(scratch_root) / fingerprint_key(fingerprint) / desc
     chunk = rows_per_chunk(widths, np.dtype(storage_dtype).itemsize, batch_size)
     writer = ChunkWriter(scratch, widths, storage_dtype, chunk)
     n = len(images)
@@ -53,8 +85,9 @@ def extract_split(
     forward = forward_for(model, batch_size, storage_dtype)
     with (
         tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar,
-        ThreadPoolExecutor(1) as io,
+        ThreadPoolExecutor(2) as io,
     ):
+        check = io.submit(file_sha256, images_sha256[0]) if images_sha256 else None
         pending = None
         for start in range(done, n, chunk):
             outputs = forward.run(images[start : start + chunk])
@@ -64,4 +97,71 @@ def extract_split(
             bar.update(len(outputs[0]))
         if pending is not None:
             pending.result()
-    writer.finalize(out, n, labels, {**attrs, "fingerprint": fingerprint})
+        if check is not None and check.result() != images_sha256[1]:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise FeatureStoreError(
+                f"{images_sha256[0]} does not match the sha256 in its meta.json: it changed "
+                "after prepare wrote it; run `dvc repro prepare --force`"
+            )
+    writer.assemble(out, n, labels, {**attrs, "fingerprint": fingerprint.model_dump(mode="json")})
+
+
+def _finished(path: Path, fingerprint: Fingerprint) -> bool:
+    try:
+        return open_features(path).fingerprint == fingerprint
+    except FeatureStoreError:
+        return False
+
+
+def extract_all(
+    model,
+    prepared_dir: Path,
+    prepared: PreparedRecord,
+    fingerprint: Fingerprint,
+    out_dir: Path,
+    scratch_root: Path,
+    batch_size: int,
+) -> None:
+    """Extract train, val and test into `out_dir`; resumable at chunk and split granularity."""
+    scratch_root = Path(scratch_root)
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    key = fingerprint.key
+    lock = _lock(scratch_root, key)
+    try:
+        lock.acquire(timeout=LOCK_WAIT_S)
+    except Timeout:
+        raise FeatureStoreError(
+            f"another extract of the same features holds {lock.lock_file}; wait for it to "
+            "finish, then run `dvc repro extract`"
+        ) from None
+    with lock:
+        remove_abandoned(scratch_root, key)
+        work = scratch_root / key
+        for split in SPLITS:
+            done = work / f"{split}.h5"
+            if _finished(done, fingerprint):
+                print(f"{split}: finished by an earlier run, kept")
+                continue
+            images, labels = load_split(prepared_dir, split, prepared)
+            labels_file = Path(prepared_dir) / f"{split}_labels.npy"
+            if file_sha256(labels_file) != prepared.sha256[labels_file.name]:
+                raise FeatureStoreError(
+                    f"{labels_file} does not match the sha256 in its meta.json: it changed after "
+                    "prepare wrote it; run `dvc repro prepare --force`"
+                )
+            extract_split(
+                model,
+                images,
+                labels,
+                done,
+                fingerprint,
+                {"split": split, "class_names": prepared.class_names},
+                batch_size,
+                work / split,
+                desc=split,
+                images_sha256=(images.path, prepared.sha256[images.path.name]),
+            )
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            shutil.move(str(work / f"{split}.h5"), Path(out_dir) / f"{split}.h5")
+        shutil.rmtree(work, ignore_errors=True)

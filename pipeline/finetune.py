@@ -17,9 +17,13 @@ def main() -> None:
             "Enable it with `dvc exp run -S finetune.enabled=true`."
         )
         return
-    from pipeline.finetuning import finetune
+    from pipeline.finetuning import FinetuneError, finetune
+    from pipeline.records import RecordError
 
-    r = finetune(params.backbone, params.finetune, Paths())
+    try:
+        r = finetune(params, Paths())
+    except (RecordError, FinetuneError) as exc:
+        raise SystemExit(f"finetune: {exc}") from None
     print(
         f"started from {r['started_from']}, unfrozen from {r['unfreeze']}: val accuracy "
         f"{r['frozen_val_accuracy']:.4f} -> {r['val_accuracy']:.4f}, test accuracy "

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import BackboneConfig, FinetuneConfig
+from pipeline import paths as layout
+from pipeline.config import FinetuneConfig, Params
 from pipeline.precision import use_precision
+from pipeline.records import BestChoice, HeadRecord
 
 MODEL_FILE = "model.keras"
 STATUS_FILE = "status.json"
@@ -54,9 +56,10 @@ class NotExpressible(ValueError):
 class Paths:
     """Where the stage reads and writes (the DVC layout by default)."""
 
-    prepared: Path = Path("data/prepared")
-    best: Path = Path("models/best.json")
-    heads: Path = Path("models/heads")
+    scan: Path = layout.SCAN
+    prepared: Path = layout.PREPARED
+    best: Path = layout.BEST
+    heads: Path = layout.HEADS
     out: Path = Path("models/finetuned")
     metrics: Path = Path("metrics/finetune.json")
     plots: Path = Path("plots/finetune")
@@ -99,37 +102,19 @@ def write_disabled(paths: Paths) -> dict:
 
 @dataclass
 class HeadSpec:
-    """One trained head: its folder under models/heads/ and its head.json."""
+    """One trained head: its folder under models/heads/ and its checked head.json."""
 
     cell: str
     directory: Path
-    info: dict
+    record: HeadRecord
 
     @property
     def layer(self) -> str:
-        return self.info["layer"]
+        return self.record.layer
 
     @property
     def kind(self) -> str:
-        return self.info["kind"]
-
-    @property
-    def model_path(self) -> Path:
-        return self.directory / self.info["model"]
-
-
-def read_head(heads_dir: Path, cell: str) -> HeadSpec:
-    directory = Path(heads_dir) / cell
-    path = directory / "head.json"
-    if not path.is_file():
-        raise FinetuneError(
-            f"{path} not found: run `dvc repro train` (head {cell!r} is in models/best.json)"
-        )
-    info = json.loads(path.read_text())
-    missing = [k for k in ("layer", "head", "kind", "model", "reduction") if k not in info]
-    if missing:
-        raise FinetuneError(f"{path} lacks {', '.join(missing)}: run `dvc repro train`")
-    return HeadSpec(cell, directory, info)
+        return self.record.kind
 
 
 def _affine_step(name: str, step) -> tuple:
@@ -204,24 +189,15 @@ def linear_head(kernel: np.ndarray, bias: np.ndarray, name: str = "head"):
     return keras.Model(features, probs, name=name)
 
 
-def load_keras_head(path: Path):
-    import keras
-
-    return keras.saving.load_model(path, compile=False)
-
-
 def head_to_keras(spec: HeadSpec, n_classes: int):
     """(Keras model features -> probabilities initialised from the head, frozen predict fn)."""
-    if spec.kind == "keras":
-        model = load_keras_head(spec.model_path)  # its own predictions are taken before training
-        return model, lambda x: np.argmax(model.predict(x, verbose=0), axis=1)
-    if spec.kind == "sklearn":
-        import joblib
+    from pipeline.heads import load_head
 
-        pipeline = joblib.load(spec.model_path)
-        kernel, bias = linear_head_weights(pipeline, n_classes)
-        return linear_head(kernel, bias, name=f"head_{spec.info['head']}"), pipeline.predict
-    raise NotExpressible(f"its kind {spec.kind!r} is neither sklearn nor keras")
+    model = load_head(spec.directory, spec.record)  # only after its digest is checked
+    if spec.kind == "keras":  # its own predictions are taken before training
+        return model, lambda x: np.argmax(model.predict(x, verbose=0), axis=1)
+    kernel, bias = linear_head_weights(model, n_classes)
+    return linear_head(kernel, bias, name=f"head_{spec.record.head}"), model.predict
 
 
 @dataclass
@@ -233,58 +209,38 @@ class StartingHead:
     ranked_val_accuracy: float | None
 
 
-def choose_head(best: dict, heads_dir: Path, n_classes: int) -> StartingHead:
-    """The best head, or the best one of the ranking that Keras can express (with the reason)."""
-    ranking = best.get("ranking") or [{"cell": best["cell"]}]
-    cells = [best["cell"]] + [r["cell"] for r in ranking if r["cell"] != best["cell"]]
-    metric = best.get("metric", "val_accuracy")
+def choose_head(best: BestChoice, heads_dir: Path, n_classes: int) -> StartingHead:
+    """The best head, or the best one of the ranking that Keras can express (with the reason).
+
+    Each model is deserialised only if it has the digest best.json recorded."""
+    from pipeline.heads import read_head
+
+    metric = best.metric
     skipped = []
-    for rank, cell in enumerate(cells, start=1):
-        spec = read_head(heads_dir, cell)
+    for rank, entry in enumerate(best.ranking, start=1):
+        directory = Path(heads_dir) / entry.cell
+        spec = HeadSpec(
+            entry.cell, directory, read_head(directory, model_sha256=entry.model_sha256)
+        )
         try:
             model, predict = head_to_keras(spec, n_classes)
         except NotExpressible as exc:
-            skipped.append(f"{cell} ({exc})")
+            skipped.append(f"{entry.cell} ({exc})")
             continue
-        entry = next((r for r in ranking if r["cell"] == cell), {})
         fallback = None
         if skipped:
             fallback = (
                 f"the best head {skipped[0]} cannot be expressed in Keras"
                 + (f", nor can {', '.join(skipped[1:])}" if skipped[1:] else "")
-                + f"; fine-tuning started from {cell}, ranked #{rank} by {metric}"
-                + (f" ({entry[metric]:.4f})" if isinstance(entry.get(metric), (int, float)) else "")
+                + f"; fine-tuning started from {entry.cell}, ranked #{rank} by {metric}"
+                + f" ({getattr(entry, metric):.4f})"
             )
-        return StartingHead(spec, model, predict, fallback, entry.get("val_accuracy"))
+        return StartingHead(spec, model, predict, fallback, entry.val_accuracy)
     raise FinetuneError(
         "no head in models/best.json can be expressed in Keras: "
         + "; ".join(skipped)
         + ". Add logreg, linear_svm or dense to train.heads."
     )
-
-
-def check_head(spec: HeadSpec, backbone: BackboneConfig, weights_used: str, meta: dict) -> None:
-    """Refuse a head trained on other features than the ones this model computes."""
-    fp = spec.info.get("fingerprint", {})
-    rerun = "run `dvc repro` so that extract/train/select see the current params"
-    checks = [
-        ("backbone", fp.get("backbone"), backbone.name),
-        ("weights", fp.get("weights"), weights_used),
-        ("input_size", fp.get("input_size"), meta["size"]),
-        ("data_sha256", fp.get("data_sha256"), meta["sha256"]),
-        ("class_names", spec.info.get("class_names"), meta["class_names"]),
-    ]
-    for key, got, want in checks:
-        if got is not None and got != want:
-            raise FinetuneError(
-                f"head {spec.cell} was trained on features with {key}={got!r}, but fine-tuning "
-                f"would use {want!r}: {rerun}"
-            )
-    layers = fp.get("layers") or {}
-    if spec.layer in layers and layers[spec.layer] != spec.info["reduction"]:
-        raise FinetuneError(
-            f"head {spec.cell}: head.json and its fingerprint disagree on the reduction: {rerun}"
-        )
 
 
 # ---------------------------------------------------------------- the model
@@ -493,27 +449,50 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def finetune(backbone: BackboneConfig, cfg: FinetuneConfig, paths: Paths = Paths()) -> dict:
-    """Assemble, check, fine-tune and evaluate; write model, curves and the metrics report."""
+def finetune(params: Params, paths: Paths = Paths()) -> dict:
+    """Assemble, check, fine-tune and evaluate; write model, curves and the metrics report.
+
+    Prepared data and every head read must be what the current params and code give."""
     import keras
 
     from pipeline.backbones import get_backbone, load_backbone
-    from pipeline.data import load_meta, load_split
+    from pipeline.data import load_split
+    from pipeline.provenance import (
+        code_digest,
+        current_prepared,
+        expected_features,
+        head_params,
+        require,
+    )
 
+    backbone, cfg = params.backbone, params.finetune
     precision = use_precision(cfg.precision)
-    meta = load_meta(paths.prepared)
-    if not paths.best.is_file():
-        raise FinetuneError(f"{paths.best} not found: run `dvc repro select`")
-    best = json.loads(paths.best.read_text())
-    start = choose_head(best, paths.heads, len(meta["class_names"]))
+    prepared = current_prepared(params, paths.prepared, paths.scan)
+    best = BestChoice.read(paths.best, "dvc repro select")
+    start = choose_head(best, paths.heads, len(prepared.class_names))
     spec = start.spec
+    where = str(spec.directory / "head.json")
+    expect = {"params": head_params(params.train, spec.record.head), "code": code_digest("train")}
+    require(where, spec.record.model_dump(), expect, "dvc repro train")
+    require(
+        where,
+        spec.record.features.model_dump(),
+        expected_features(params, prepared, paths.scan),
+        "dvc repro",
+    )
     if start.fallback:
         print(f"NOTE: {start.fallback}")
     unfreeze = cfg.unfreeze or get_backbone(backbone.name).unfreeze_from
-    model, weights_used = load_backbone(backbone.name, backbone.weights, meta["size"], [spec.layer])
-    check_head(spec, backbone, weights_used, meta)
+    model, weights_used = load_backbone(
+        backbone.name, backbone.weights, prepared.image_size, [spec.layer]
+    )
+    if weights_used != spec.record.features.weights_used:
+        raise FinetuneError(
+            f"backbone.weights resolved to {weights_used}, the head {spec.cell} was trained on "
+            f"features of {spec.record.features.weights_used}: run `dvc repro`"
+        )
     assembly = assemble(
-        model, backbone.name, spec.layer, spec.info["reduction"], start.model, unfreeze, cfg.augment
+        model, backbone.name, spec.layer, spec.record.reduction, start.model, unfreeze, cfg.augment
     )
     if assembly.note:
         print(f"NOTE: {assembly.note}")
@@ -522,7 +501,7 @@ def finetune(backbone: BackboneConfig, cfg: FinetuneConfig, paths: Paths = Paths
         f"+ head {spec.cell}; precision {precision}; trainable backbone layers: "
         f"{len(assembly.trainable_layers)}"
     )
-    data = {s: load_split(paths.prepared, s) for s in ("train", "val", "test")}
+    data = {s: load_split(paths.prepared, s, prepared) for s in ("train", "val", "test")}
 
     features, probs = predict(assembly.probe, data["val"][0], cfg.batch_size)
     agreement = float(
@@ -566,11 +545,11 @@ def finetune(backbone: BackboneConfig, cfg: FinetuneConfig, paths: Paths = Paths
     report = {
         "enabled": True,
         "layer": spec.layer,
-        "head": spec.info["head"],
+        "head": spec.record.head,
         "backbone": backbone.name,
         "weights": weights_used,
         "feature_width": int(assembly.probe.outputs[0].shape[-1]),
-        "path": str(paths.out / MODEL_FILE),
+        "model_file": str(paths.out / MODEL_FILE),
         "n_train": len(data["train"][1]),
         "val_accuracy": after["val"]["accuracy"],
         "val_macro_f1": after["val"]["macro_f1"],

@@ -13,7 +13,8 @@ Keras is imported only for the dense head.
 
 from __future__ import annotations
 
-import json
+import hashlib
+import io
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from sklearn.random_projection import GaussianRandomProjection
 from sklearn.svm import LinearSVC
 
 from pipeline.config import DenseConfig, TrainConfig
+from pipeline.provenance import require
+from pipeline.records import HeadRecord, RecordError
 from pipeline.store import FeatureFile
 
 MODEL_FILES = {"sklearn": "model.joblib", "keras": "model.keras"}
@@ -345,16 +348,47 @@ def save_model(model, kind: str, directory: Path) -> str:
     return name
 
 
-def load_head(directory: str | Path):
-    """(model, head.json) of a trained head directory."""
+def read_head(
+    directory: str | Path, expect: dict | None = None, model_sha256: str | None = None
+) -> HeadRecord:
+    """head.json of a trained head, refused unless its fields match `expect` (params, code,
+    features) and its model file has the recorded digest (and `model_sha256`, when given)."""
     directory = Path(directory)
-    info = json.loads((directory / "head.json").read_text())
-    path = directory / info["model"]
-    if info["kind"] == "keras":
+    record = HeadRecord.read(directory / "head.json", "dvc repro train")
+    if expect:
+        require(
+            str(directory / "head.json"), record.model_dump(mode="json"), expect, "dvc repro train"
+        )
+    if model_sha256 is not None and model_sha256 != record.model_sha256:
+        raise RecordError(
+            f"{directory / 'head.json'} records model sha256 {record.model_sha256[:12]}..., "
+            f"the selection recorded {model_sha256[:12]}...: run `dvc repro train select`"
+        )
+    _verified_bytes(directory, record)
+    return record
+
+
+def _verified_bytes(directory: Path, record: HeadRecord) -> bytes:
+    path = Path(directory) / record.model
+    if not path.is_file():
+        raise RecordError(f"{path} is missing: run `dvc repro train`")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record.model_sha256:
+        raise RecordError(
+            f"{path} is not the model its head.json records (sha256 differs): it was replaced "
+            "or damaged, and is not loaded; run `dvc repro train --force`"
+        )
+    return data
+
+
+def load_head(directory: str | Path, record: HeadRecord):
+    """The trained model, deserialised only after its bytes match the recorded sha256."""
+    data = _verified_bytes(directory, record)
+    if record.kind == "keras":
         import keras
 
-        return keras.models.load_model(path), info
-    return joblib.load(path), info
+        return keras.models.load_model(Path(directory) / record.model)
+    return joblib.load(io.BytesIO(data))
 
 
 def predict(model, kind: str, ff: FeatureFile, layer: str, block_rows: int) -> np.ndarray:

@@ -6,8 +6,11 @@ import csv
 import json
 from pathlib import Path
 
-from pipeline.backbones import file_digest
+from pipeline import paths
 from pipeline.config import SelectConfig, TrainConfig
+from pipeline.heads import read_head
+from pipeline.provenance import code_digest, head_params
+from pipeline.records import BestChoice, CellMetrics, Fingerprint, RankedCell, RecordError
 
 COLUMNS = [
     "rank",
@@ -15,7 +18,7 @@ COLUMNS = [
     "layer",
     "head",
     "kind",
-    "path",
+    "fit_path",
     "feature_width",
     "n_train",
     "val_accuracy",
@@ -26,11 +29,10 @@ COLUMNS = [
     "backbone",
     "weights",
 ]
-RANKING_KEYS = ["cell", "layer", "head", "kind", "val_accuracy", "val_macro_f1"]
 KERAS_EXPRESSIBLE = ("logreg", "linear_svm", "dense")  # heads fine-tuning can start from
 
 
-def finetune_candidates(ranked: list[dict]) -> list[dict]:
+def finetune_candidates(ranked: list[dict]) -> list[RankedCell]:
     """The ranking down to the first head Keras can express: all that fine-tuning may read.
 
     Each row carries its model's sha256, so the finetune and evaluate stages depend on
@@ -38,42 +40,41 @@ def finetune_candidates(ranked: list[dict]) -> list[dict]:
     """
     rows = []
     for r in ranked:
-        rows.append({**{k: r[k] for k in RANKING_KEYS}, "model_sha256": file_digest(r["model"])})
+        rows.append(RankedCell(**{k: r[k] for k in RankedCell.model_fields}))
         if r["head"] in KERAS_EXPRESSIBLE:
             break
     return rows
 
 
-class SelectError(RuntimeError):
+class SelectError(RecordError):
     """Train outputs missing or inconsistent; the message says what to re-run."""
 
 
-def collect(train: TrainConfig, metrics: Path, models: Path) -> list[dict]:
-    """One row per layer x head of `train` (never other files lying in `metrics`)."""
-    rows, fingerprints = [], {}
+def collect(train: TrainConfig, features: Fingerprint, metrics: Path, models: Path) -> list[dict]:
+    """One row per layer x head of `train` (never other files lying in `metrics`), each
+    checked against the current params, the current `features` and its model file's digest."""
+    rows, code = [], code_digest("train")
     for layer in train.layers:
         for head in train.heads:
             cell = f"{layer}-{head}"
-            m_path, h_path = Path(metrics) / f"{cell}.json", Path(models) / cell / "head.json"
-            for path in (m_path, h_path):
-                if not path.is_file():
-                    raise SelectError(f"{path} is missing: run `dvc repro train` (cell {cell})")
-            m, info = json.loads(m_path.read_text()), json.loads(h_path.read_text())
-            if (m["layer"], m["head"], info["layer"], info["head"]) != (layer, head) * 2:
+            rerun = f"dvc repro train@{cell}"
+            m = CellMetrics.read(Path(metrics) / f"{cell}.json", rerun)
+            expect = {
+                "cell": cell,
+                "layer": layer,
+                "head": head,
+                "params": head_params(train, head),
+                "features": features.model_dump(mode="json"),
+                "code": code,
+            }
+            record = read_head(Path(models) / cell, expect)
+            if (m.layer, m.head, m.model_sha256) != (layer, head, record.model_sha256):
                 raise SelectError(
-                    f"{m_path} or {h_path} is not about cell {cell}: run `dvc repro train`"
+                    f"{Path(metrics) / f'{cell}.json'} does not score the model in "
+                    f"{Path(models) / cell}: run `{rerun}`"
                 )
-            fingerprints[cell] = info["fingerprint"]
-            rows.append(
-                {
-                    **m,
-                    "cell": cell,
-                    "kind": info["kind"],
-                    "model": f"{Path(models).as_posix()}/{cell}/{info['model']}",
-                }
-            )
-    if len({json.dumps(f, sort_keys=True) for f in fingerprints.values()}) > 1:
-        raise SelectError("the heads were trained on different features: run `dvc repro train`")
+            model = f"{Path(models).as_posix()}/{cell}/{record.model}"
+            rows.append({**m.model_dump(), "cell": cell, "kind": record.kind, "model": model})
     return rows
 
 
@@ -87,7 +88,7 @@ def markdown(ranked: list[dict], metric: str) -> str:
     cols = [
         "rank",
         "cell",
-        "path",
+        "fit_path",
         "feature_width",
         "val_accuracy",
         "val_macro_f1",
@@ -124,25 +125,23 @@ def markdown(ranked: list[dict], metric: str) -> str:
 def select(
     train: TrainConfig,
     cfg: SelectConfig,
-    metrics: Path = Path("metrics/train"),
-    models: Path = Path("models/heads"),
+    features: Fingerprint,
+    metrics: Path = paths.TRAIN_METRICS,
+    models: Path = paths.HEADS,
     reports: Path = Path("reports"),
-    best_file: Path = Path("models/best.json"),
+    best_file: Path = paths.BEST,
     summary: Path = Path("metrics/select.json"),
-) -> dict:
+) -> BestChoice:
     """Rank every cell on validation; write the leaderboard (csv, md), best.json, select.json."""
-    ranked = rank(collect(train, metrics, models), cfg.metric)
+    ranked = rank(collect(train, features, metrics, models), cfg.metric)
     top = ranked[0]
-    best = {
-        "cell": top["cell"],
-        "layer": top["layer"],
-        "head": top["head"],
-        "kind": top["kind"],
-        "model": top["model"],
-        "metric": cfg.metric,
-        "value": top[cfg.metric],
-        "ranking": finetune_candidates(ranked),
-    }
+    best = BestChoice(
+        **{k: top[k] for k in ("cell", "layer", "head", "kind", "model")},
+        metric=cfg.metric,
+        value=top[cfg.metric],
+        features=features.digest,
+        ranking=finetune_candidates(ranked),
+    )
     per_layer = {
         layer: max(r["val_accuracy"] for r in ranked if r["layer"] == layer)
         for layer in train.layers
@@ -161,7 +160,7 @@ def select(
         writer.writeheader()
         writer.writerows({**r, "rank": i} for i, r in enumerate(ranked, 1))
     (Path(reports) / "leaderboard.md").write_text(markdown(ranked, cfg.metric))
-    for path, content in ((best_file, best), (summary, brief)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(content, indent=2) + "\n")
+    best.write(best_file)
+    Path(summary).parent.mkdir(parents=True, exist_ok=True)
+    Path(summary).write_text(json.dumps(brief, indent=2) + "\n")
     return best

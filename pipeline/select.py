@@ -1,17 +1,22 @@
 """Stage `select`: leaderboard over train.layers x train.heads; the best head on validation."""
 
+from pipeline import paths
 from pipeline.config import load_params
-from pipeline.leaderboard import SelectError, select
+from pipeline.leaderboard import select
+from pipeline.provenance import expected_features
+from pipeline.records import RecordError
+from pipeline.store import open_features
 
 
 def main() -> None:
     params = load_params()
     try:
-        best = select(params.train, params.select)
-    except SelectError as exc:
+        features = open_features(paths.FEATURES / "train.h5", expected_features(params))
+        best = select(params.train, params.select, features.fingerprint)
+    except RecordError as exc:
         raise SystemExit(f"select: {exc}") from None
     print(
-        f"best on validation: {best['cell']} ({best['metric']} {best['value']:.4f}); "
+        f"best on validation: {best.cell} ({best.metric} {best.value:.4f}); "
         "see reports/leaderboard.md"
     )
 

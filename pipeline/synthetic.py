@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.records import Fingerprint
 from pipeline.store import SPLITS, ChunkWriter
+
+
+def synthetic_fingerprint(layers, seed: int = 0, **fields) -> Fingerprint:
+    """The fingerprint of synthetic features of `layers`; `fields` override its fields."""
+    extract = {
+        "layers": {layer: "avg" for layer in layers},
+        "batch_size": 32,
+        "storage_dtype": "float16",
+        "precision": "float32",
+    }
+    defaults = {
+        "backbone": {"name": "vgg16", "weights": "random"},
+        "weights": "random",
+        "weights_used": "random",
+        "extract": extract,
+        "precision": "float32",
+        "data": f"synthetic-{seed}",
+        "image_size": 32,
+        "code": "synthetic",
+        "versions": {},
+    }
+    return Fingerprint(**{**defaults, **fields})
 
 
 def write_features(
@@ -19,32 +43,21 @@ def write_features(
     sort_train: bool = False,
     block_rows: int = 2048,
     **fingerprint,
-) -> dict:
+) -> Fingerprint:
     """Write features/{train,val,test}.h5: Gaussian classes in a 16-dim latent space, spread
     over each layer's width by a random map, plus unit noise. `fingerprint` overrides the
-    default fingerprint entries; returns the fingerprint written."""
+    default fingerprint fields; returns the fingerprint written."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(n_classes, 16)) * separation
     maps = {layer: rng.normal(size=(16, w)).astype(np.float32) / 4 for layer, w in widths.items()}
-    fp = {
-        "backbone": "vgg16",
-        "weights": "random",
-        "input_size": 32,
-        "preprocessing": "synthetic",
-        "layers": {layer: "avg" for layer in widths},
-        "precision": "float32",
-        "storage_dtype": "float16",
-        "data_sha256": f"synthetic-{seed}",
-        "versions": {},
-        **fingerprint,
-    }
+    fp = synthetic_fingerprint(widths, seed, **fingerprint)
     for split in SPLITS:
         n = rows[split]
         labels = rng.integers(0, n_classes, n)
         if split == "train" and sort_train:
             labels = np.sort(labels)
         scratch = Path(directory) / ".scratch" / split
-        writer = ChunkWriter(scratch, widths, fp["storage_dtype"], block_rows)
+        writer = ChunkWriter(scratch, widths, fp.extract["storage_dtype"], block_rows)
         for start in range(0, n, block_rows):
             y = labels[start : start + block_rows]
             z = centers[y] + rng.normal(size=(len(y), 16))
@@ -58,7 +71,8 @@ def write_features(
         attrs = {
             "split": split,
             "class_names": [f"class_{i}" for i in range(n_classes)],
-            "fingerprint": fp,
+            "fingerprint": fp.model_dump(mode="json"),
         }
-        writer.finalize(Path(directory) / f"{split}.h5", n, labels, attrs)
+        writer.assemble(Path(directory) / f"{split}.h5", n, labels, attrs)
+    shutil.rmtree(Path(directory) / ".scratch", ignore_errors=True)
     return fp

@@ -3,7 +3,8 @@
 import argparse
 
 from pipeline.config import HEADS, load_params
-from pipeline.store import FeatureStoreError
+from pipeline.provenance import expected_features
+from pipeline.records import RecordError
 from pipeline.training import train_cell
 
 
@@ -16,8 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     try:
-        train_cell(args.layer, args.head, params.train, params.backbone.name)
-    except FeatureStoreError as exc:
+        train_cell(args.layer, args.head, params.train, expected_features(params))
+    except RecordError as exc:
         raise SystemExit(f"train: {exc}") from None
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
+from pipeline import paths
 from pipeline.config import TrainConfig
 from pipeline.heads import MEMORY_FACTOR, Plan, fit_head, kind_of, predict, save_model, scores
+from pipeline.provenance import code_digest, head_params
+from pipeline.records import CellMetrics, HeadRecord, file_sha256
 from pipeline.store import open_splits
 
 
@@ -16,15 +18,15 @@ def train_cell(
     layer: str,
     head: str,
     cfg: TrainConfig,
-    backbone: str,
-    features: Path = Path("features"),
-    models: Path = Path("models/heads"),
-    metrics: Path = Path("metrics/train"),
-) -> dict:
-    """Train `head` on `layer` of the features of `backbone`; write the model directory
-    models/<layer>-<head>/ (model + head.json) and metrics/<layer>-<head>.json; return the metrics.
+    expect: dict | None,
+    features: Path = paths.FEATURES,
+    models: Path = paths.HEADS,
+    metrics: Path = paths.TRAIN_METRICS,
+) -> CellMetrics:
+    """Train `head` on `layer` of the features (refused unless they match `expect`); write the
+    model directory models/<layer>-<head>/ (model + head.json) and metrics/<layer>-<head>.json.
     fit_seconds covers reading the training rows and fitting."""
-    splits = open_splits(features, expect={"backbone": backbone})
+    splits = open_splits(features, expect)
     train, val, test = splits["train"], splits["val"], splits["test"]
     train.check_layer(layer)
     cell, kind = f"{layer}-{head}", kind_of(head)
@@ -39,39 +41,43 @@ def train_cell(
     model = fit_head(head, cfg, train, val, layer, plan, out / "live")
     fit_seconds = time.perf_counter() - start
 
-    fingerprint = train.fingerprint
     n_classes = len(train.class_names)
-    result = {
-        "layer": layer,
-        "head": head,
-        "backbone": fingerprint["backbone"],
-        "weights": fingerprint["weights"],
-        "feature_width": width,
-        "path": plan.path,
-        "n_train": len(train.labels),
-    }
+    scored = {}
     for name, ff in (("val", val), ("test", test)):
         acc, f1 = scores(ff.labels, predict(model, kind, ff, layer, plan.block_rows), n_classes)
-        result[f"{name}_accuracy"], result[f"{name}_macro_f1"] = round(acc, 6), round(f1, 6)
-    result["fit_seconds"] = round(fit_seconds, 3)
-
-    info = {
-        "layer": layer,
-        "head": head,
-        "kind": kind,
-        "model": save_model(model, kind, out),
-        "path": plan.path,
-        "feature_width": width,
-        "reduction": fingerprint["layers"][layer],
-        "class_names": train.class_names,
-        "fingerprint": fingerprint,
-    }
-    (out / "head.json").write_text(json.dumps(info, indent=2) + "\n")
-    metrics_file = Path(metrics) / f"{cell}.json"
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(result, indent=2) + "\n")
+        scored[f"{name}_accuracy"], scored[f"{name}_macro_f1"] = round(acc, 6), round(f1, 6)
+    model_file = save_model(model, kind, out)
+    record = HeadRecord(
+        cell=cell,
+        layer=layer,
+        head=head,
+        kind=kind,
+        model=model_file,
+        model_sha256=file_sha256(out / model_file),
+        params=head_params(cfg, head),
+        features=train.fingerprint,
+        reduction=train.fingerprint.layers[layer],
+        feature_width=width,
+        class_names=train.class_names,
+        fit_path=plan.path,
+        code=code_digest("train"),
+    )
+    record.write(out / "head.json")
+    result = CellMetrics(
+        layer=layer,
+        head=head,
+        backbone=train.fingerprint.backbone["name"],
+        weights=train.fingerprint.weights_used,
+        feature_width=width,
+        fit_path=plan.path,
+        n_train=len(train.labels),
+        **scored,
+        fit_seconds=round(fit_seconds, 3),
+        model_sha256=record.model_sha256,
+    )
+    result.write(Path(metrics) / f"{cell}.json")
     print(
-        f"{cell}: val accuracy {result['val_accuracy']:.4f}, test accuracy "
-        f"{result['test_accuracy']:.4f}, fit {fit_seconds:.2f} s"
+        f"{cell}: val accuracy {result.val_accuracy:.4f}, test accuracy "
+        f"{result.test_accuracy:.4f}, fit {fit_seconds:.2f} s"
     )
     return result

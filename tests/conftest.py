@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:  # the package need not be installed to run the te
 SMALL_PARAMS = {
     "data": {
         "source": "digits",
-        "size": 32,
+        "image_size": 32,
         "limit": 60,
         "val_fraction": 0.2,
         "test_fraction": 0.2,

@@ -138,7 +138,7 @@ def test_unknown_backbone_lists_the_registry():
 
 def test_input_below_min_size_is_refused():
     with pytest.raises(
-        BackboneError, match="xception needs inputs of at least 71x71; data.size is 32"
+        BackboneError, match="xception needs inputs of at least 71x71; data.image_size is 32"
     ):
         load_backbone("xception", "random", 32, ["block4_pool"])
 
@@ -156,8 +156,8 @@ def test_fc2_needs_224_says_so():
     with pytest.raises(BackboneError) as info:
         build_extractor("vgg16", "random", 32, {"block5_pool": "avg", "fc2": "none"})
     message = str(info.value)
-    assert "['fc2']" in message and "224x224" in message and "data.size is 32" in message
-    assert "data.size: 224" in message
+    assert "['fc2']" in message and "224x224" in message and "data.image_size is 32" in message
+    assert "data.image_size: 224" in message
 
 
 def test_fc2_at_224_builds_with_the_top(rng_images):
@@ -204,6 +204,7 @@ def test_weights_file_gives_the_in_memory_models_features(project):
     project.write_params(
         backbone={"weights": "mine.weights.h5"}, replace={"extract.layers": layers}
     )
+    project.main("scan")
     project.main("prepare")
     project.main("extract")
 
@@ -212,7 +213,8 @@ def test_weights_file_gives_the_in_memory_models_features(project):
 
     files = open_splits(project.features)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert files["train"].fingerprint["weights"] == f"file:sha256:{digest[:16]}"
+    assert files["train"].fingerprint.weights == f"file:sha256:{digest}"
+    assert files["train"].fingerprint.weights_used == f"file:sha256:{digest}"
 
     images, _ = load_split(project.prepared, "val")
     want = separate_layer_features(mine, np.asarray(images), layers)
@@ -246,6 +248,7 @@ def test_imagenet_offline_fails_with_a_clear_message(offline):
 
 def test_auto_offline_falls_back_to_random_and_records_it(offline, project, capsys):
     project.write_params(backbone={"weights": "auto"}, data={"limit": 60})
+    project.main("scan")
     project.main("prepare")
     project.main("extract")
     assert "ImageNet weights unavailable" in capsys.readouterr().out
@@ -254,7 +257,8 @@ def test_auto_offline_falls_back_to_random_and_records_it(offline, project, caps
     from pipeline.store import open_features
 
     val = open_features(project.features / "val.h5")
-    assert val.fingerprint["weights"] == "random"
+    assert val.fingerprint.weights == "auto:not-cached"
+    assert val.fingerprint.weights_used == "random"
     images, _ = load_split(project.prepared, "val")
     random_model, _ = load_backbone("vgg16", "random", 32, ["block5_pool"])
     want = separate_layer_features(random_model, np.asarray(images), {"block5_pool": "avg"})

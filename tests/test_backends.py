@@ -43,11 +43,12 @@ def project(tmp_path_factory) -> Path:
         env={**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": "tensorflow"},
     )
     params = {
-        "data": {"source": "digits", "size": 32, "limit": 60},
+        "data": {"source": "digits", "image_size": 32, "limit": 60},
         "backbone": {"name": "vgg16", "weights": str(weights)},
         "extract": {"layers": LAYERS, "batch_size": 8},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run(root, "pipeline.scan")
     run(root, "pipeline.prepare")
     return root
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from conftest import SMALL_PARAMS, deep_merge
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pipeline.config import ConfigError, Params, load_params, parse_params
 
@@ -21,7 +21,7 @@ def test_repo_params_yaml_is_valid():
 
 def test_small_params_and_defaults():
     params = parse_params(SMALL_PARAMS)
-    assert params.data.size == 32 and params.extract.batch_size == 16
+    assert params.data.image_size == 32 and params.extract.batch_size == 16
     assert parse_params({}) == Params()  # every key has a default
 
 
@@ -43,7 +43,27 @@ def test_small_params_and_defaults():
             ["extract.batch_size", "greater than or equal to 1", "-4"],
         ),
         ({"extract": {"batch_size": 0}}, ["extract.batch_size", "0"]),
-        ({"data": {"size": 4}}, ["data.size", "8", "4"]),
+        ({"data": {"image_size": 4}}, ["data.image_size", "8", "4"]),
+        ({"data": {"size": 64}}, ["data.size is now called data.image_size"]),
+        # names that become output paths: one plain path component, no traversal
+        (
+            {"train": {"layers": ["block5_pool", "../../../x"]}},
+            ["train.layers", "'../../../x'", "no '/'"],
+        ),
+        ({"extract": {"layers": {"a/b": "avg"}}}, ["extract.layers", "'a/b'"]),
+        ({"extract": {"layers": {"..": "avg"}}}, ["extract.layers", "'..'"]),
+        # empty or repeated lists; train.layers must have been extracted
+        ({"train": {"layers": []}}, ["train.layers is empty"]),
+        ({"train": {"heads": []}}, ["train.heads is empty"]),
+        ({"train": {"heads": ["logreg", "knn", "logreg"]}}, ["train.heads lists logreg more"]),
+        (
+            {"train": {"layers": ["block5_pool", "block5_pool"]}},
+            ["train.layers lists block5_pool more than once"],
+        ),
+        (
+            {"train": {"layers": ["block4_pool"]}},
+            ["train.layers ['block4_pool'] are not in extract.layers", "block2_pool, block5_pool"],
+        ),
         ({"data": {"val_fraction": 1.5}}, ["data.val_fraction", "1.5"]),
         # unknown backbone: the accepted ones are listed
         (
@@ -90,10 +110,10 @@ def test_empty_layers_rejected():
 
 
 def test_every_bad_key_is_reported_at_once():
-    raw = deep_merge(SMALL_PARAMS, {"data": {"size": 2}, "extract": {"batch_size": 0}})
+    raw = deep_merge(SMALL_PARAMS, {"data": {"image_size": 2}, "extract": {"batch_size": 0}})
     with pytest.raises(ConfigError) as info:
         parse_params(raw)
-    assert "data.size" in str(info.value) and "extract.batch_size" in str(info.value)
+    assert "data.image_size" in str(info.value) and "extract.batch_size" in str(info.value)
 
 
 def test_weights_file_that_exists_is_accepted(tmp_path, monkeypatch):
@@ -106,7 +126,7 @@ def test_weights_file_that_exists_is_accepted(tmp_path, monkeypatch):
 def test_params_are_frozen():
     params = parse_params(SMALL_PARAMS)
     with pytest.raises(ValidationError, match="frozen"):
-        params.data.size = 64
+        params.data.image_size = 64
 
 
 def test_load_params_file_errors(tmp_path):
@@ -119,3 +139,33 @@ def test_load_params_file_errors(tmp_path):
     bad.write_text(yaml.safe_dump({"extract": {"batch_size": -1}}))
     with pytest.raises(ConfigError, match="extract.batch_size"):
         load_params(bad)
+
+
+def _param_names(model) -> list[str]:
+    """Every key of the params schema, at any depth."""
+    names = []
+    for name, field in model.model_fields.items():
+        names.append(name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names.extend(_param_names(field.annotation))
+    return names
+
+
+def _yaml_keys(node) -> list[str]:
+    if isinstance(node, dict):
+        return [str(k) for k in node] + [k for v in node.values() for k in _yaml_keys(v)]
+    if isinstance(node, list):
+        return [k for v in node for k in _yaml_keys(v)]
+    return []
+
+
+def test_no_param_is_named_size_or_nfiles():
+    """DVC's run-cache key leaves out every param named size or nfiles (treeverse/dvc#10296):
+    such a param would change nothing and stale outputs would be restored."""
+    from conftest import REPO
+
+    blind = {"size", "nfiles"}
+    assert "image_size" in _param_names(Params)  # the walk reaches nested sections
+    assert not blind & set(_param_names(Params))
+    keys = _yaml_keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert "image_size" in keys and not blind & set(keys)

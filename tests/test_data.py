@@ -12,7 +12,8 @@ from conftest import SMALL_PARAMS, deep_merge, write_image
 from PIL import Image
 
 from pipeline.config import DataConfig, parse_params
-from pipeline.data import DataError, decode_file, folder_source, load_meta, load_source, prepare
+from pipeline.data import DataError, decode_file, folder_source, load_source, prepare
+from pipeline.records import PreparedRecord, RecordError
 
 GOOD_MODES = [  # file name, PIL mode, format
     ("grey.png", "L", None),
@@ -53,7 +54,10 @@ def messy_folder(tmp_path, make_image_folder):
 
 def test_bad_images_reported_and_skipped(project, messy_folder):
     root, bad = messy_folder
-    project.write_params(data={"source": "folder", "path": str(root), "size": 16, "limit": None})
+    project.write_params(
+        data={"source": "folder", "path": str(root), "image_size": 16, "limit": None}
+    )
+    project.main("scan")
     project.main("prepare")
 
     report = json.loads((project.prepared / "report.json").read_text())
@@ -66,7 +70,7 @@ def test_bad_images_reported_and_skipped(project, messy_folder):
 
     meta = json.loads((project.prepared / "meta.json").read_text())
     assert sum(meta["counts"].values()) == 20 + len(GOOD_MODES)  # every good file, no bad one
-    assert meta["class_names"] == ["cat", "dog"] and meta["size"] == 16
+    assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 16
     manifest = (project.prepared / "manifest.csv").read_text()
     for name, _, _ in GOOD_MODES:
         assert f'"cat/{name}"' in manifest
@@ -81,7 +85,9 @@ def test_bad_images_reported_and_skipped(project, messy_folder):
 
 def test_bad_image_with_on_bad_image_fail_names_the_file(messy_folder, tmp_path):
     root, bad = messy_folder
-    cfg = data_config(source="folder", path=str(root), size=16, limit=None, on_bad_image="fail")
+    cfg = data_config(
+        source="folder", path=str(root), image_size=16, limit=None, on_bad_image="fail"
+    )
     with pytest.raises(DataError) as info:
         prepare(cfg, tmp_path / "prepared")
     message = str(info.value)
@@ -233,27 +239,30 @@ def test_class_left_without_usable_images_fails(tmp_path, make_image_folder):
     for i in range(10):
         (root / "b" / f"{i}.png").write_text("not an image")
     with pytest.raises(DataError, match="no usable training images left for class\\(es\\): b"):
-        prepare(data_config(source="folder", path=str(root), size=8, limit=None), tmp_path / "out")
+        prepare(
+            data_config(source="folder", path=str(root), image_size=8, limit=None), tmp_path / "out"
+        )
 
 
 # ---------------------------------------------------------------- digits and keras.datasets
 
 
 def test_digits_prepare_is_deterministic(project):
+    project.main("scan")
     project.main("prepare")
-    meta = load_meta(project.prepared)
-    assert meta["counts"] == {"train": 36, "val": 12, "test": 12} and meta["size"] == 32
+    meta = PreparedRecord.read(project.prepared / "meta.json", "-")
+    assert meta.counts == {"train": 36, "val": 12, "test": 12} and meta.image_size == 32
     images = np.load(project.prepared / "train_images.npy")
     assert images.shape == (36, 32, 32, 3) and images.dtype == np.uint8 and images.max() > 200
     assert (images[..., 0] == images[..., 2]).all()  # grey digits as RGB
-    sha = meta["sha256"]
+    project.main("scan")
     project.main("prepare")
-    assert load_meta(project.prepared)["sha256"] == sha
+    assert PreparedRecord.read(project.prepared / "meta.json", "-") == meta
 
 
 def test_missing_prepared_data_says_what_to_run(tmp_path):
-    with pytest.raises(DataError, match="dvc repro prepare"):
-        load_meta(tmp_path)
+    with pytest.raises(RecordError, match="meta.json not found: run `dvc repro prepare`"):
+        PreparedRecord.read(tmp_path / "meta.json", "dvc repro prepare")
 
 
 def test_keras_dataset_offline_fails_fast(offline):

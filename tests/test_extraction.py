@@ -16,32 +16,39 @@ from conftest import Project, adaptive_bins, numpy_reduce, relative_error, separ
 from pipeline.backbones import load_backbone
 from pipeline.extraction import extract_split
 from pipeline.layers import Reduce, build_extractor, reduced_width
-from pipeline.store import (
-    ChunkWriter,
-    FeatureStoreError,
-    fingerprint_key,
-    open_features,
-    open_splits,
-)
+from pipeline.records import Fingerprint, RecordError
+from pipeline.store import ChunkWriter, FeatureStoreError, open_features, open_splits
 
 LAYERS = {"block2_pool": "avg", "block3_pool": "grid2", "block4_pool": "max", "block5_pool": "none"}
 
 
-def fingerprint_for(layers: dict, **extra) -> dict:
-    return {"backbone": "vgg16", "weights": "random", "input_size": 32, "layers": layers, **extra}
+def fingerprint_for(layers: dict, dtype: str = "float32", **fields) -> Fingerprint:
+    extract = {"layers": layers, "batch_size": 8, "storage_dtype": dtype, "precision": "float32"}
+    defaults = {
+        "backbone": {"name": "vgg16", "weights": "random"},
+        "weights": "random",
+        "weights_used": "random",
+        "extract": extract,
+        "precision": "float32",
+        "data": "test-images",
+        "image_size": 32,
+        "code": "test",
+        "versions": {},
+    }
+    return Fingerprint(**{**defaults, **fields})
 
 
 def run_extract(model, images, labels, out, scratch, layers=LAYERS, batch_size=8, dtype="float32"):
+    fp = fingerprint_for(layers, dtype)
     extract_split(
         model,
         images,
         labels,
         out,
-        fingerprint_for(layers),
+        fp,
         {"split": "train", "class_names": ["a", "b", "c"]},
         batch_size,
-        dtype,
-        scratch,
+        scratch / fp.key / "train",
         desc="train",
     )
 
@@ -58,7 +65,7 @@ def test_one_pass_multi_layer_equals_separate_single_layer_models(
     out = tmp_path / "features" / "train.h5"
     run_extract(model, images, labels, out, tmp_path / "scratch")
 
-    ff = open_features(out, expect={"backbone": "vgg16"})
+    ff = open_features(out, expect={"backbone": {"name": "vgg16", "weights": "random"}})
     backbone, _ = load_backbone("vgg16", "random", 32, list(LAYERS))
     want = separate_layer_features(backbone, images, LAYERS)
     assert ff.widths == {
@@ -72,7 +79,7 @@ def test_one_pass_multi_layer_equals_separate_single_layer_models(
         assert got.shape == want[layer].shape
         assert relative_error(got, want[layer]) < 1e-5, layer
     np.testing.assert_array_equal(ff.labels, labels)
-    assert ff.class_names == ["a", "b", "c"] and ff.fingerprint["layers"] == LAYERS
+    assert ff.class_names == ["a", "b", "c"] and ff.fingerprint.layers == LAYERS
     assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").rglob("*.npz"))
 
 
@@ -149,7 +156,7 @@ def test_stale_or_mismatched_features_are_refused(tmp_path, rng_images):
     model, _ = build_extractor("vgg16", "random", 32, layers)
     images, labels = rng_images(6, 32), np.zeros(6, int)
     for split in ("train", "val", "test"):
-        fp = fingerprint_for(layers, data_sha256="other" if split == "test" else "same")
+        fp = fingerprint_for(layers, "float16", data="other" if split == "test" else "same")
         extract_split(
             model,
             images,
@@ -158,14 +165,14 @@ def test_stale_or_mismatched_features_are_refused(tmp_path, rng_images):
             fp,
             {"class_names": ["a"]},
             4,
-            "float16",
-            tmp_path / "s",
+            tmp_path / "s" / split,
             desc=split,
         )
+    resnet = {"name": "resnet50", "weights": "random"}
     with pytest.raises(
-        FeatureStoreError, match="stale.*backbone='vgg16'.*'resnet50'.*dvc repro extract"
+        RecordError, match="stale.*backbone.name='vgg16'.*'resnet50'.*dvc repro extract"
     ):
-        open_features(tmp_path / "train.h5", expect={"backbone": "resnet50"})
+        open_features(tmp_path / "train.h5", expect={"backbone": resnet})
     with pytest.raises(FeatureStoreError, match="different extractions"):
         open_splits(tmp_path)
     with pytest.raises(FeatureStoreError, match="no layer 'fc2'.*block5_pool"):
@@ -217,7 +224,7 @@ def test_resume_after_crash_recomputes_only_the_rest(tmp_path, small_chunks, rng
             model, CrashingImages(images, crash_at=10), labels, out, scratch, layers, batch_size=4
         )
     assert not list(tmp_path.rglob("*.h5"))  # no features file, not even a partial one
-    chunk_dir = scratch / fingerprint_key(fingerprint_for(layers)) / "train"
+    chunk_dir = scratch / fingerprint_for(layers).key / "train"
     writer = ChunkWriter(chunk_dir, {k: 1 for k in layers}, "float32", 4)
     assert writer.rows_done() == 8  # chunks [0, 4) and [4, 8) finished before the crash
 
@@ -251,6 +258,7 @@ def test_killed_extract_cli_resumes_to_identical_features(project, monkeypatch):
     """SIGKILL `python -m pipeline.extract` part-way, re-run it: same arrays as a run never
     interrupted; while killed, no features/*.h5 exists (a half file is never visible)."""
     project.write_params(data={"limit": 400}, extract={"batch_size": 8, "storage_dtype": "float16"})
+    project.main("scan")
     project.main("prepare")
     n_train = json.loads((project.prepared / "meta.json").read_text())["counts"]["train"]
 
@@ -284,7 +292,7 @@ def test_killed_extract_cli_resumes_to_identical_features(project, monkeypatch):
     clean = project.root.parent / "clean"
     clean.mkdir()
     shutil.copy(project.root / "params.yaml", clean / "params.yaml")
-    shutil.copytree(project.prepared, clean / "data" / "prepared")
+    shutil.copytree(project.root / "data", clean / "data")
     monkeypatch.chdir(clean)
     Project(clean).main("extract")  # the same extraction, never interrupted (in this process)
     got, want = open_splits(project.features), open_splits(clean / "features")

@@ -24,8 +24,17 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from pipeline.config import BackboneConfig, ConfigError, DataConfig, FinetuneConfig, parse_params
-from pipeline.data import load_meta, load_split, prepare
+from pipeline.config import ConfigError, FinetuneConfig, parse_params
+from pipeline.data import load_split, prepare, source_record
+from pipeline.provenance import code_digest, expected_features, head_params
+from pipeline.records import (
+    BestChoice,
+    Fingerprint,
+    HeadRecord,
+    RankedCell,
+    WeightsRecord,
+    file_sha256,
+)
 
 BACKBONE, LAYER, REDUCTION, UNFREEZE = "mobilenet_v2", "block_5_add", "avg", "block_4_expand"
 LINEAR = {
@@ -34,6 +43,16 @@ LINEAR = {
     "sgd_log": lambda: SGDClassifier(loss="log_loss", random_state=0),
     "sgd_hinge": lambda: SGDClassifier(loss="hinge", random_state=0),
 }
+
+
+PARAMS = parse_params(
+    {
+        "data": {"source": "digits", "image_size": 32, "limit": 60},
+        "backbone": {"name": BACKBONE, "weights": "random"},
+        "extract": {"layers": {LAYER: REDUCTION}, "precision": "float32"},
+        "train": {"layers": [LAYER], "heads": ["logreg", "linear_svm", "knn", "random_forest"]},
+    }
+)
 
 
 def scaled(clf, *middle):
@@ -49,26 +68,30 @@ def world(tmp_path_factory):
     from pipeline.layers import build_extractor
 
     root = tmp_path_factory.mktemp("finetune")
-    prepared = root / "data" / "prepared"
-    prepare(DataConfig(source="digits", size=32, limit=60), prepared)
-    meta = load_meta(prepared)
+    prepared, scan = root / "data" / "prepared", root / "data" / "scan"
+    meta, _ = prepare(PARAMS.data, prepared)
+    source_record(PARAMS.data).write(scan / "source.json")
+    WeightsRecord(backbone=BACKBONE, weights="random", identity="random").write(
+        scan / "weights.json"
+    )
     data = {s: load_split(prepared, s) for s in ("train", "val", "test")}
     extractor, weights = build_extractor(BACKBONE, "random", 32, {LAYER: REDUCTION})
     feats = {
         s: extractor.predict(np.asarray(x), batch_size=32, verbose=0) for s, (x, _) in data.items()
     }
     backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
-    fingerprint = {
-        "backbone": BACKBONE,
-        "weights": weights,
-        "input_size": 32,
-        "layers": {LAYER: REDUCTION},
-        "data_sha256": meta["sha256"],
-    }
+    fingerprint = Fingerprint(
+        **expected_features(PARAMS, meta, scan),
+        weights_used=weights,
+        precision="float32",
+        image_size=32,
+        versions={},
+    )
     keras.mixed_precision.set_dtype_policy("float32")
     return {
         "root": root,
         "prepared": prepared,
+        "scan": scan,
         "meta": meta,
         "data": data,
         "features": feats,
@@ -87,19 +110,49 @@ def save_head(world, heads_dir, head: str, model, kind: str = "sklearn"):
         joblib.dump(model, directory / name)
     else:
         model.save(directory / name)
-    info = {
-        "layer": LAYER,
-        "head": head,
-        "kind": kind,
-        "model": name,
-        "path": str(directory / name),
-        "feature_width": int(world["features"]["train"].shape[1]),
-        "reduction": REDUCTION,
-        "class_names": world["meta"]["class_names"],
-        "fingerprint": world["fingerprint"],
-    }
-    (directory / "head.json").write_text(json.dumps(info))
+    HeadRecord(
+        cell=cell,
+        layer=LAYER,
+        head=head,
+        kind=kind,
+        model=name,
+        model_sha256=file_sha256(directory / name),
+        params=head_params(PARAMS.train, head),
+        features=world["fingerprint"],
+        reduction=REDUCTION,
+        feature_width=int(world["features"]["train"].shape[1]),
+        class_names=world["meta"].class_names,
+        fit_path="memory",
+        code=code_digest("train"),
+    ).write(directory / "head.json")
     return cell
+
+
+def best_choice(heads_dir, cells: list[str], vals: list[float]) -> BestChoice:
+    """models/best.json as select writes it, over trained heads in `heads_dir`."""
+    ranking = []
+    for cell, val in zip(cells, vals):
+        record = HeadRecord.read(heads_dir / cell / "head.json", "-")
+        ranking.append(
+            RankedCell(
+                cell=cell,
+                layer=record.layer,
+                head=record.head,
+                kind=record.kind,
+                val_accuracy=val,
+                val_macro_f1=val,
+                model=str(heads_dir / cell / record.model),
+                model_sha256=record.model_sha256,
+            )
+        )
+    top = ranking[0]
+    return BestChoice(
+        **{k: getattr(top, k) for k in ("cell", "layer", "head", "kind", "model")},
+        metric="val_accuracy",
+        value=top.val_accuracy,
+        features=HeadRecord.read(heads_dir / top.cell / "head.json", "-").features.digest,
+        ranking=ranking,
+    )
 
 
 def fit_sklearn(world, clf):
@@ -182,11 +235,13 @@ def test_binary_and_pca_pipelines_fold_exactly():
 
 
 def test_keras_head_loads_its_trained_weights(world, tmp_path):
-    from pipeline.finetuning import head_to_keras, read_head
+    from pipeline.finetuning import HeadSpec, head_to_keras
+    from pipeline.heads import read_head
 
     trained = dense_head(world)
     cell = save_head(world, tmp_path, "dense", trained, kind="keras")
-    model, frozen_predict = head_to_keras(read_head(tmp_path, cell), 10)
+    spec = HeadSpec(cell, tmp_path / cell, read_head(tmp_path / cell))
+    model, frozen_predict = head_to_keras(spec, 10)
     feats = world["features"]["val"]
     np.testing.assert_allclose(
         model.predict(feats, verbose=0), trained.predict(feats, verbose=0), atol=1e-6
@@ -213,16 +268,11 @@ def test_fallback_to_the_best_expressible_head(world, tmp_path):
         save_head(world, tmp_path, "linear_svm", fit_sklearn(world, scaled(LinearSVC()))),
         save_head(world, tmp_path, "logreg", fit_sklearn(world, scaled(LogisticRegression()))),
     ]
-    best = {
-        "cell": cells[0],
-        "metric": "val_accuracy",
-        "ranking": [{"cell": c, "val_accuracy": 0.9 - i / 10} for i, c in enumerate(cells)],
-    }
+    best = best_choice(tmp_path, cells, [0.9 - i / 10 for i in range(len(cells))])
     start = choose_head(best, tmp_path, 10)
     assert start.spec.cell == cells[2]  # linear_svm: the best one Keras can express
     assert "knn" in start.fallback and "random_forest" in start.fallback and "#3" in start.fallback
-    best["cell"], best["ranking"] = cells[3], best["ranking"][3:]
-    assert choose_head(best, tmp_path, 10).fallback is None
+    assert choose_head(best_choice(tmp_path, cells[3:], [0.6]), tmp_path, 10).fallback is None
 
 
 # ---------------------------------------------------------------- freezing
@@ -316,16 +366,9 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
     heads = tmp_path / "models" / "heads"
     knn = save_head(world, heads, "knn", fit_sklearn(world, scaled(KNeighborsClassifier(3))))
     logreg = save_head(world, heads, "logreg", fit_sklearn(world, scaled(LogisticRegression())))
-    best = {
-        "cell": knn,
-        "layer": LAYER,
-        "head": "knn",
-        "kind": "sklearn",
-        "metric": "val_accuracy",
-        "ranking": [{"cell": knn, "val_accuracy": 0.6}, {"cell": logreg, "val_accuracy": 0.5}],
-    }
-    (tmp_path / "models" / "best.json").write_text(json.dumps(best))
+    best_choice(heads, [knn, logreg], [0.6, 0.5]).write(tmp_path / "models" / "best.json")
     paths = Paths(
+        scan=world["scan"],
         prepared=world["prepared"],
         best=tmp_path / "models" / "best.json",
         heads=heads,
@@ -333,16 +376,16 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
         metrics=tmp_path / "metrics" / "finetune.json",
         plots=tmp_path / "plots" / "finetune",
     )
-    cfg = FinetuneConfig(
-        enabled=True,
-        unfreeze=UNFREEZE,
-        learning_rate=1.0,
-        epochs=2,
-        patience=2,
-        batch_size=16,
-        precision="float32",
-    )
-    report = finetune(BackboneConfig(name=BACKBONE, weights="random"), cfg, paths)
+    cfg = {
+        "enabled": True,
+        "unfreeze": UNFREEZE,
+        "learning_rate": 1.0,
+        "epochs": 2,
+        "patience": 2,
+        "batch_size": 16,
+        "precision": "float32",
+    }
+    report = finetune(PARAMS.model_copy(update={"finetune": FinetuneConfig(**cfg)}), paths)
 
     schema = {
         "layer",
@@ -350,7 +393,7 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
         "backbone",
         "weights",
         "feature_width",
-        "path",
+        "model_file",
         "n_train",
         "val_accuracy",
         "val_macro_f1",

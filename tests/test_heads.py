@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import TrainConfig
+from pipeline.records import CellMetrics, HeadRecord, RecordError, file_sha256
 from pipeline.store import FeatureStoreError, open_splits
 from pipeline.synthetic import write_features
 from pipeline.training import train_cell
@@ -24,31 +24,6 @@ from pipeline.training import train_cell
 WIDTHS = {"small": 24, "wide": 1024}
 REPO = Path(__file__).resolve().parents[1]
 ROWS = {"train": 480, "val": 160, "test": 160}  # wide train: 480 x 1024 x 4 B = 1.9 MB
-METRIC_KEYS = {
-    "layer",
-    "head",
-    "backbone",
-    "weights",
-    "feature_width",
-    "path",
-    "n_train",
-    "val_accuracy",
-    "val_macro_f1",
-    "test_accuracy",
-    "test_macro_f1",
-    "fit_seconds",
-}
-HEAD_KEYS = {
-    "layer",
-    "head",
-    "kind",
-    "model",
-    "path",
-    "feature_width",
-    "reduction",
-    "class_names",
-    "fingerprint",
-}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +35,10 @@ def features(tmp_path_factory):
     return directory
 
 
-def run_cell(tmp_path, features, layer, head, backbone="vgg16", **train):
+def run_cell(tmp_path, features, layer, head, expect=None, **train):
     cfg = TrainConfig(**train)
     metrics = train_cell(
-        layer, head, cfg, backbone, features, tmp_path / "models", tmp_path / "metrics"
+        layer, head, cfg, expect, features, tmp_path / "models", tmp_path / "metrics"
     )
     return metrics, tmp_path / "models" / f"{layer}-{head}"
 
@@ -72,8 +47,8 @@ def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
     metrics, out = run_cell(
         tmp_path, features, "wide", "logreg", logreg={"C": 0.5, "max_iter": 500}
     )
-    assert set(metrics) == METRIC_KEYS and metrics["path"] == "memory"
-    assert json.loads((tmp_path / "metrics" / "wide-logreg.json").read_text()) == metrics
+    assert metrics.fit_path == "memory"
+    assert CellMetrics.read(tmp_path / "metrics" / "wide-logreg.json", "-") == metrics
 
     splits = open_splits(features)
     x, y = splits["train"].read("wide"), splits["train"].labels
@@ -83,13 +58,14 @@ def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
     )
     expected = reference.fit(x, y).predict(xv)
 
-    info = json.loads((out / "head.json").read_text())
-    assert set(info) == HEAD_KEYS and info["kind"] == "sklearn" and info["model"] == "model.joblib"
-    assert info["fingerprint"] == splits["train"].fingerprint and info["reduction"] == "avg"
+    info = HeadRecord.read(out / "head.json", "-")
+    assert info.kind == "sklearn" and info.model == "model.joblib" and info.reduction == "avg"
+    assert info.features == splits["train"].fingerprint and info.params["logreg"]["C"] == 0.5
+    assert info.model_sha256 == metrics.model_sha256 == file_sha256(out / "model.joblib")
     model = joblib.load(out / "model.joblib")
     assert isinstance(model.steps[0][1], StandardScaler)
     np.testing.assert_array_equal(model.predict(xv), expected)
-    assert metrics["val_accuracy"] == pytest.approx(np.mean(expected == yv), abs=1e-6)
+    assert metrics.val_accuracy == pytest.approx(np.mean(expected == yv), abs=1e-6)
 
 
 @pytest.mark.parametrize("head", ["logreg", "linear_svm", "knn", "random_forest"])
@@ -98,13 +74,13 @@ def test_streaming_path_trains_to_sensible_accuracy(tmp_path, features, head):
     metrics, out = run_cell(
         tmp_path / "s", features, "wide", head, max_memory_mb=1, random_forest={"n_estimators": 30}
     )
-    assert memory["path"] == "memory" and metrics["path"] == "stream"
+    assert memory.fit_path == "memory" and metrics.fit_path == "stream"
     model = joblib.load(out / "model.joblib")
     assert isinstance(model.steps[0][1], StandardScaler)
     if head in ("logreg", "linear_svm"):
         assert isinstance(model.steps[-1][1], SGDClassifier)
-    assert metrics["val_accuracy"] > 0.8  # chance is 0.25
-    assert metrics["val_accuracy"] > memory["val_accuracy"] - 0.1
+    assert metrics.val_accuracy > 0.8  # chance is 0.25
+    assert metrics.val_accuracy > memory.val_accuracy - 0.1
 
 
 def test_dense_head_streams_and_stops_early(tmp_path, features):
@@ -119,26 +95,41 @@ def test_dense_head_streams_and_stops_early(tmp_path, features):
         "batch_size": 32,
     }
     metrics, out = run_cell(tmp_path, features, "wide", "dense", max_memory_mb=1, dense=dense)
-    assert metrics["path"] == "stream" and metrics["val_accuracy"] > 0.8
+    assert metrics.fit_path == "stream" and metrics.val_accuracy > 0.8
 
     curve = (out / "live" / "plots" / "metrics" / "eval" / "loss.tsv").read_text().splitlines()[1:]
     val_loss = [float(line.split("\t")[1]) for line in curve]
     assert 2 < len(val_loss) < 60  # early stopping ended training
     assert np.argmin(val_loss) == len(val_loss) - 1 - 2  # after `patience` epochs without progress
 
-    info = json.loads((out / "head.json").read_text())
-    assert info["kind"] == "keras" and info["model"] == "model.keras"
-    model = keras.models.load_model(out / info["model"])
+    info = HeadRecord.read(out / "head.json", "-")
+    assert info.kind == "keras" and info.model == "model.keras"
+    model = keras.models.load_model(out / info.model)
     assert isinstance(model.layers[1], keras.layers.Normalization)
     x = open_splits(features)["val"].read("wide")[:8]
     np.testing.assert_allclose(model.predict(x, verbose=0).sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_stale_features_of_another_backbone_are_refused(tmp_path, features):
-    with pytest.raises(
-        FeatureStoreError, match=r"stale.*backbone='vgg16'.*'vgg19'.*dvc repro extract"
-    ):
-        run_cell(tmp_path, features, "small", "logreg", backbone="vgg19")
+@pytest.mark.parametrize(
+    "field, value, named",
+    [
+        ("backbone", {"name": "vgg19", "weights": "random"}, "backbone.name='vgg16'"),
+        ("weights", "file:sha256:" + "0" * 64, "weights='random'"),
+        ("extract", {"layers": {"small": "max", "wide": "avg"}}, "extract.layers.small='avg'"),
+        ("data", "other-images", "data='synthetic-1'"),
+        ("code", "other-code", "code='synthetic'"),
+    ],
+)
+def test_features_made_by_other_params_inputs_or_code_are_refused(
+    tmp_path, features, field, value, named
+):
+    have = open_splits(features)["train"].fingerprint.model_dump()
+    if field == "extract":
+        value = {**have["extract"], **value}
+    expect = {k: have[k] for k in ("backbone", "weights", "extract", "data", "code")}
+    run_cell(tmp_path / "ok", features, "small", "logreg", expect)  # the same: accepted
+    with pytest.raises(RecordError, match=rf"stale.*{re.escape(named)}.*dvc repro extract"):
+        run_cell(tmp_path, features, "small", "logreg", {**expect, field: value})
     assert not (tmp_path / "metrics").exists()
 
 
@@ -148,8 +139,9 @@ def test_a_layer_that_was_not_cached_is_refused(tmp_path, features):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_cli_refuses_corrupt_features_with_a_clear_message(project, features, damage):
-    shutil.copytree(features, project.features)
+def test_cli_refuses_corrupt_features_with_a_clear_message(project, damage):
+    for stage in ("scan", "prepare", "extract"):
+        project.run(stage)
     target = project.features / "val.h5"
     data = target.read_bytes()
     target.write_bytes(
@@ -157,7 +149,7 @@ def test_cli_refuses_corrupt_features_with_a_clear_message(project, features, da
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--layer", "small", "--head", "logreg"],
+        [sys.executable, "-m", "pipeline.train", "--layer", "block5_pool", "--head", "logreg"],
         cwd=project.root,
         env=env,
         capture_output=True,
@@ -166,6 +158,8 @@ def test_cli_refuses_corrupt_features_with_a_clear_message(project, features, da
         check=False,
     )
     assert result.returncode != 0
-    assert "val.h5 is unreadable" in result.stderr and "dvc repro extract" in result.stderr
+    assert (
+        "val.h5 is unreadable or corrupt" in result.stderr and "dvc repro extract" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert not (project.root / "models").exists()

@@ -44,7 +44,7 @@ def project(tmp_path_factory) -> Path:
     )
     shutil.copy(REPO / "dvc.yaml", root)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(size=32, limit=150)
+    params["data"].update(image_size=32, limit=150)
     params["extract"]["layers"] = {layer: "avg" for layer in LAYERS}
     params["train"].update(layers=LAYERS, heads=HEADS)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

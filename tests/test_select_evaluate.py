@@ -13,49 +13,59 @@ import pytest
 from pipeline.config import SelectConfig, TrainConfig
 from pipeline.evaluation import evaluate
 from pipeline.leaderboard import SelectError, select
-from pipeline.store import FeatureStoreError
-from pipeline.synthetic import write_features
+from pipeline.provenance import code_digest, head_params
+from pipeline.records import CellMetrics, HeadRecord, RecordError, file_sha256
+from pipeline.synthetic import synthetic_fingerprint, write_features
 from pipeline.training import train_cell
 
-FINGERPRINT = {"backbone": "vgg16", "weights": "random", "layers": {"a": "avg", "b": "avg"}}
+FINGERPRINT = synthetic_fingerprint(["a", "b"])
+TRAIN_CODE = code_digest("train")
 
 
-def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, fingerprint=FINGERPRINT):
-    """metrics/train/<cell>.json and models/heads/<cell>/head.json as a train cell writes them."""
-    cell = f"{layer}-{head}"
-    metrics = {
-        "layer": layer,
-        "head": head,
-        "backbone": "vgg16",
-        "weights": "random",
-        "feature_width": 8,
-        "path": "memory",
-        "n_train": 100,
-        "val_accuracy": val,
-        "val_macro_f1": val if val_f1 is None else val_f1,
-        "test_accuracy": test,
-        "test_macro_f1": test,
-        "fit_seconds": fit,
-    }
-    (root / "metrics").mkdir(exist_ok=True)
-    (root / "metrics" / f"{cell}.json").write_text(json.dumps(metrics))
-    kind = "keras" if head == "dense" else "sklearn"
-    info = {
-        "layer": layer,
-        "head": head,
-        "kind": kind,
-        "model": "model.keras" if kind == "keras" else "model.joblib",
-        "fingerprint": fingerprint,
-    }
+def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, features=FINGERPRINT):
+    """metrics/train/<cell>.json and models/heads/<cell>/ as a train cell writes them."""
+    cell, kind = f"{layer}-{head}", "keras" if head == "dense" else "sklearn"
+    model = "model.keras" if kind == "keras" else "model.joblib"
     (root / "heads" / cell).mkdir(parents=True, exist_ok=True)
-    (root / "heads" / cell / "head.json").write_text(json.dumps(info))
-    (root / "heads" / cell / info["model"]).write_text(f"model of {cell}")
+    (root / "heads" / cell / model).write_text(f"model of {cell}")
+    sha = file_sha256(root / "heads" / cell / model)
+    CellMetrics(
+        layer=layer,
+        head=head,
+        backbone="vgg16",
+        weights="random",
+        feature_width=8,
+        fit_path="memory",
+        n_train=100,
+        val_accuracy=val,
+        val_macro_f1=val if val_f1 is None else val_f1,
+        test_accuracy=test,
+        test_macro_f1=test,
+        fit_seconds=fit,
+        model_sha256=sha,
+    ).write(root / "metrics" / f"{cell}.json")
+    HeadRecord(
+        cell=cell,
+        layer=layer,
+        head=head,
+        kind=kind,
+        model=model,
+        model_sha256=sha,
+        params=head_params(TrainConfig(), head),
+        features=features,
+        reduction="avg",
+        feature_width=8,
+        class_names=["x", "y"],
+        fit_path="memory",
+        code=TRAIN_CODE,
+    ).write(root / "heads" / cell / "head.json")
 
 
 def run_select(root, layers, heads, metric="val_accuracy"):
     return select(
         TrainConfig(layers=layers, heads=heads),
         SelectConfig(metric=metric),
+        FINGERPRINT,
         root / "metrics",
         root / "heads",
         root / "reports",
@@ -97,14 +107,12 @@ def test_leaderboard_rows_are_the_current_layers_x_heads(tmp_path):
     ]
     assert [line.split(" | ")[1] for line in table] == [r["cell"] for r in rows]
     first_expressible = next(i for i, r in enumerate(rows) if r["head"] in ("logreg", "dense"))
-    assert [r["cell"] for r in best["ranking"]] == [
-        r["cell"] for r in rows[: first_expressible + 1]
-    ]
-    assert best["model"].endswith(
-        f"heads/{best['cell']}/" + ("model.keras" if best["head"] == "dense" else "model.joblib")
+    assert [r.cell for r in best.ranking] == [r["cell"] for r in rows[: first_expressible + 1]]
+    assert best.model.endswith(
+        f"heads/{best.cell}/" + ("model.keras" if best.head == "dense" else "model.joblib")
     )
     summary = json.loads((tmp_path / "select.json").read_text())
-    assert summary["best_cell"] == best["cell"] == rows[0]["cell"]
+    assert summary["best_cell"] == best.cell == rows[0]["cell"]
     assert summary["val_accuracy_by_layer"] == {
         la: max(float(r["val_accuracy"]) for r in rows if r["layer"] == la) for la in layers
     }
@@ -117,13 +125,13 @@ def test_best_is_chosen_on_validation_never_on_test(tmp_path, metric):
     fake_cell(tmp_path, "b", "logreg", val=0.85, test=0.95)
     fake_cell(tmp_path, "b", "knn", val=0.70, test=0.97)
     best = run_select(tmp_path, ["a", "b"], ["logreg", "knn"], metric)
-    assert (best["cell"], best["layer"], best["head"], best["kind"]) == (
+    assert (best.cell, best.layer, best.head, best.kind) == (
         "a-knn",
         "a",
         "knn",
         "sklearn",
     )
-    assert best["metric"] == metric and best["value"] == 0.90
+    assert best.metric == metric and best.value == 0.90
     assert [r["cell"] for r in leaderboard(tmp_path)] == ["a-knn", "b-logreg", "a-logreg", "b-knn"]
 
 
@@ -133,9 +141,9 @@ def test_best_json_holds_digests_of_the_models_finetuning_may_read(tmp_path):
         fake_cell(tmp_path, "a", head, val, 0.5)
     best = run_select(tmp_path, ["a"], list(vals))
     # down the ranking to the first head Keras can express (logreg), and no further
-    assert [r["cell"] for r in best["ranking"]] == ["a-knn", "a-random_forest", "a-logreg"]
+    assert [r.cell for r in best.ranking] == ["a-knn", "a-random_forest", "a-logreg"]
     model = tmp_path / "heads" / "a-logreg" / "model.joblib"
-    assert best["ranking"][-1]["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert best.ranking[-1].model_sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
 def test_ties_are_broken_by_macro_f1_then_fit_time(tmp_path):
@@ -149,11 +157,43 @@ def test_ties_are_broken_by_macro_f1_then_fit_time(tmp_path):
 
 def test_missing_or_mismatched_cells_are_reported(tmp_path):
     fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
-    with pytest.raises(SelectError, match=r"a-knn\.json is missing: run `dvc repro train`"):
+    with pytest.raises(RecordError, match=r"a-knn\.json not found: run `dvc repro train@a-knn`"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
-    fake_cell(tmp_path, "a", "knn", 0.9, 0.9, fingerprint={**FINGERPRINT, "backbone": "vgg19"})
-    with pytest.raises(SelectError, match="different features"):
+    other = synthetic_fingerprint(["a", "b"], backbone={"name": "vgg19", "weights": "random"})
+    fake_cell(tmp_path, "a", "knn", 0.9, 0.9, features=other)
+    with pytest.raises(RecordError, match=r"a-knn/head.json is stale.*features.backbone.name"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
+
+
+def test_a_replaced_model_file_is_refused_before_it_is_read(tmp_path):
+    """Another cell's model copied over the best one, or a pickle payload written in its place,
+    never reaches joblib: the digest in head.json no longer matches."""
+    fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
+    fake_cell(tmp_path, "a", "knn", 0.8, 0.8)
+    run_select(tmp_path, ["a"], ["logreg", "knn"])
+    shutil.copy(tmp_path / "heads" / "a-knn" / "model.joblib", tmp_path / "heads" / "a-logreg")
+    with pytest.raises(RecordError, match=r"a-logreg/model.joblib is not the model its head.json"):
+        run_select(tmp_path, ["a"], ["logreg", "knn"])
+    # the metrics of another cell copied in place are refused too
+    fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
+    shutil.copy(tmp_path / "metrics" / "a-knn.json", tmp_path / "metrics" / "a-logreg.json")
+    with pytest.raises(SelectError, match=r"a-logreg.json does not score the model"):
+        run_select(tmp_path, ["a"], ["logreg", "knn"])
+
+
+def test_heads_trained_with_other_params_are_refused(tmp_path):
+    fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
+    with pytest.raises(RecordError, match=r"stale: it was made with params.logreg.C=1.0.*0.5"):
+        select(
+            TrainConfig(layers=["a"], heads=["logreg"], logreg={"C": 0.5}),
+            SelectConfig(),
+            FINGERPRINT,
+            tmp_path / "metrics",
+            tmp_path / "heads",
+            tmp_path / "reports",
+            tmp_path / "best.json",
+            tmp_path / "select.json",
+        )
 
 
 @pytest.fixture
@@ -166,14 +206,18 @@ def trained(tmp_path, monkeypatch):
     cfg = TrainConfig(layers=["a", "b"], heads=["logreg", "knn"])
     for layer in cfg.layers:
         for head in cfg.heads:
-            train_cell(layer, head, cfg, "vgg16")
-    select(cfg, SelectConfig())
+            train_cell(layer, head, cfg, None)
+    select(cfg, SelectConfig(), synthetic_fingerprint(["a", "b"], seed=2))
     return tmp_path
+
+
+def run_evaluate():
+    return evaluate(TrainConfig(layers=["a", "b"], heads=["logreg", "knn"]), None)
 
 
 def test_evaluate_scores_the_best_frozen_head_and_writes_plots(trained):
     best = json.loads((trained / "models" / "best.json").read_text())
-    result = evaluate()
+    result = run_evaluate()
     cell_metrics = json.loads((trained / "metrics" / "train" / f"{best['cell']}.json").read_text())
     assert result == json.loads((trained / "metrics" / "test.json").read_text())
     assert "finetuned" not in result
@@ -204,14 +248,14 @@ def test_evaluate_puts_the_finetuned_model_beside_the_frozen_head(trained):
             }
         )
     )
-    result = evaluate()
+    result = run_evaluate()
     assert result["finetuned"] == {
         "test_accuracy": 0.92,
         "test_macro_f1": 0.9,
         "val_accuracy": 0.91,
     }
     (trained / "metrics" / "finetune.json").write_text(json.dumps({"enabled": False}))
-    assert "finetuned" not in evaluate()
+    assert "finetuned" not in run_evaluate()
 
 
 def test_evaluate_refuses_features_the_head_was_not_trained_on(trained):
@@ -219,5 +263,17 @@ def test_evaluate_refuses_features_the_head_was_not_trained_on(trained):
     write_features(
         "features", {"a": 16, "b": 64}, {"train": 200, "val": 80, "test": 90}, n_classes=3, seed=3
     )
-    with pytest.raises(FeatureStoreError, match="trained on other features"):
-        evaluate()
+    with pytest.raises(RecordError, match="chosen among heads trained on other features"):
+        run_evaluate()
+
+
+def test_evaluate_refuses_a_best_model_replaced_after_select(trained):
+    best = json.loads((trained / "models" / "best.json").read_text())
+    heads = trained / "models" / "heads"
+    other = next(c for c in ("a-logreg", "b-logreg") if c != best["cell"])
+    shutil.copy(heads / other / "model.joblib", heads / best["cell"] / "model.joblib")
+    with pytest.raises(RecordError, match=r"model.joblib is not the model its head.json records"):
+        run_evaluate()
+    shutil.copytree(heads / other, heads / best["cell"], dirs_exist_ok=True)
+    with pytest.raises(RecordError, match=rf"stale: it was made with cell='{other}'"):
+        run_evaluate()

@@ -1,0 +1,187 @@
+"""Typed records of the artefacts the pipeline writes: one model per file, shared by every
+writer, reader and test fake (as `config.py` is for params).
+
+Each record carries its provenance: the params and code digest that made it and the digests
+of its inputs. `pipeline.provenance` compares them with what the current params would give.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class RecordError(RuntimeError):
+    """An artefact is missing, unreadable or stale; the message says what to run."""
+
+
+def canonical_digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `path` under a temporary name and rename it: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the record's canonical JSON: its identity for the artefacts made from it."""
+        return canonical_digest(self.model_dump(mode="json"))
+
+    def dumps(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+    def write(self, path: str | Path) -> None:
+        write_text_atomic(path, self.dumps())
+
+    @classmethod
+    def loads(cls, text: str, where: str, rerun: str):
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(p) for p in first["loc"]) or "(top)"
+            raise RecordError(
+                f"{where} is not a valid {cls.__name__} ({key}: {first['msg']}): run `{rerun}`"
+            ) from None
+
+    @classmethod
+    def read(cls, path: str | Path, rerun: str):
+        path = Path(path)
+        if not path.is_file():
+            raise RecordError(f"{path} not found: run `{rerun}`")
+        return cls.loads(path.read_text(), str(path), rerun)
+
+
+class SourceRecord(Record):
+    """data/scan/source.json: the image source and a digest of its files (path, length, mtime)."""
+
+    source: str
+    path: str | None
+    files: int
+    files_sha256: str
+
+
+class WeightsRecord(Record):
+    """data/scan/weights.json: the weights asked for and the identity of what they resolve to."""
+
+    backbone: str
+    weights: str
+    identity: str
+
+
+class PreparedRecord(Record):
+    """data/prepared/meta.json: decoded images made once from the source."""
+
+    data: dict  # params `data`, resolved
+    source: str  # SourceRecord.digest
+    code: str  # code digest of the prepare stage
+    class_names: list[str]
+    counts: dict[str, int]
+    image_size: int
+    sha256: dict[str, str]  # file name -> sha256 of the whole file
+
+
+class Fingerprint(Record):
+    """Everything that determines the features (attrs `fingerprint` of features/*.h5)."""
+
+    backbone: dict  # params `backbone`
+    weights: str  # WeightsRecord.identity
+    weights_used: str  # what the model was built with: random | imagenet | file:sha256:...
+    extract: dict  # params `extract`
+    precision: str  # the compute precision `extract.precision` resolved to
+    data: str  # PreparedRecord.digest
+    image_size: int
+    code: str  # code digest of the extract stage
+    versions: dict
+
+    @property
+    def layers(self) -> dict[str, str]:
+        return self.extract["layers"]
+
+    @property
+    def key(self) -> str:
+        return self.digest[:20]
+
+
+class HeadRecord(Record):
+    """models/heads/<cell>/head.json: one trained head and what it was trained on."""
+
+    cell: str
+    layer: str
+    head: str
+    kind: Literal["sklearn", "keras"]
+    model: str  # file name inside the cell's directory
+    model_sha256: str
+    params: dict  # train.seed, train.max_memory_mb and train.<head>
+    features: Fingerprint  # of the features it was trained on
+    reduction: str
+    feature_width: int
+    class_names: list[str]
+    fit_path: Literal["memory", "stream"]
+    code: str  # code digest of the train stage
+
+
+class CellMetrics(Record):
+    """metrics/train/<cell>.json: the scores of one head, in one schema for every head."""
+
+    layer: str
+    head: str
+    backbone: str
+    weights: str
+    feature_width: int
+    fit_path: Literal["memory", "stream"]
+    n_train: int
+    val_accuracy: float
+    val_macro_f1: float
+    test_accuracy: float
+    test_macro_f1: float
+    fit_seconds: float
+    model_sha256: str
+
+
+class RankedCell(Record):
+    cell: str
+    layer: str
+    head: str
+    kind: Literal["sklearn", "keras"]
+    val_accuracy: float
+    val_macro_f1: float
+    model: str  # path of the model file
+    model_sha256: str
+
+
+class BestChoice(Record):
+    """models/best.json: the head chosen on validation, and the ranking down to the first head
+    Keras can express (all that fine-tuning may read), each with its model's digest."""
+
+    cell: str
+    layer: str
+    head: str
+    kind: Literal["sklearn", "keras"]
+    model: str
+    metric: str
+    value: float
+    features: str  # Fingerprint.digest
+    ranking: list[RankedCell]
