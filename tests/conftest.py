@@ -10,6 +10,9 @@ whole suite runs on a 2-core CPU without internet.
   Keras's cache (~/.keras) is an empty temporary folder; returns that folder.
 - `make_image_folder`: writes class folders of small images (flat or train/val/test).
 - `rng_images`: deterministic random uint8 images.
+- `dvc_repo(root, params)`: a git + DVC repository with this checkout's pipeline/, dvc.yaml and
+  the given params.yaml; `sh(cwd, ...)` runs a command there, `ran(output)` lists the stages
+  DVC ran.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -77,6 +82,18 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
+def with_params(base: dict, sections: dict, replace: dict | None = None) -> dict:
+    """`base` merged with `sections`; `replace` sets whole keys by dotted name."""
+    params = deep_merge(base, sections)
+    for dotted, value in (replace or {}).items():
+        *parents, last = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = copy.deepcopy(value)
+    return params
+
+
 class Project:
     """A project directory: params.yaml, data/prepared/, features/, .cache/extract/."""
 
@@ -89,21 +106,22 @@ class Project:
 
         e.g. write_params(data={"limit": 100}, replace={"extract.layers": {"block1_pool": "max"}})
         """
-        params = deep_merge(SMALL_PARAMS, sections)
-        for dotted, value in (replace or {}).items():
-            *parents, last = dotted.split(".")
-            node = params
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = copy.deepcopy(value)
+        params = with_params(SMALL_PARAMS, sections, replace)
         self.params = params
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return params
 
-    def run(self, stage: str, env: dict | None = None, check: bool = True, timeout: float = 300):
-        """`python -m pipeline.<stage>` in this directory; returns the CompletedProcess."""
+    def run(
+        self,
+        stage: str,
+        env: dict | None = None,
+        check: bool = True,
+        timeout: float = 300,
+        args: list[str] = (),
+    ):
+        """`python -m pipeline.<stage> [args]` in this directory; returns the CompletedProcess."""
         result = subprocess.run(
-            [sys.executable, "-m", f"pipeline.{stage}"],
+            [sys.executable, "-m", f"pipeline.{stage}", *args],
             cwd=self.root,
             env=subprocess_env(**(env or {})),
             capture_output=True,
@@ -320,3 +338,55 @@ def perturb_weights(model, seed: int) -> None:
         else:
             new.append(rng.normal(0, 0.05, w.shape).astype(w.dtype))
     model.set_weights(new)
+
+
+# ---------------------------------------------------------------- DVC repositories
+
+
+def sh(cwd: Path, *args: str, check: bool = True) -> str:
+    """Run a command (DVC, git, a stage) in `cwd`; return stdout + stderr."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    env.pop("PYTHONPATH", None)  # the repository's own copy of pipeline/ is the code that runs
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if check:
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> str:
+    return sh(cwd, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def ran(output: str) -> set[str]:
+    """The stages DVC ran (not skipped, not restored from the run-cache)."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def restored(output: str) -> set[str]:
+    return set(re.findall(r"Stage '([^']+)' is cached - skipping run", output))
+
+
+def dvc_repo(root: Path, params: dict, replace: dict | None = None) -> Path:
+    """A git + DVC repository with pipeline/, dvc.yaml and params.yaml (this checkout's, merged
+    with `params`, whole keys set by `replace`), committed."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(
+        REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".gitignore", root)
+    merged = with_params(yaml.safe_load((REPO / "params.yaml").read_text()), params, replace)
+    (root / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    sh(root, "git", "init", "-q")
+    sh(root, "git", "config", "user.email", "test@example.invalid")
+    sh(root, "git", "config", "user.name", "test")
+    dvc(root, "init", "-q")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-qm", "init")
+    return root

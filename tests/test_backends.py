@@ -46,6 +46,7 @@ def project(tmp_path_factory) -> Path:
         "data": {"source": "digits", "image_size": 32, "limit": 60},
         "backbone": {"name": "vgg16", "weights": str(weights)},
         "extract": {"layers": LAYERS, "batch_size": 8},
+        "train": {"layers": list(LAYERS)},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run(root, "pipeline.scan")

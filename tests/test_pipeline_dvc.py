@@ -4,55 +4,21 @@ Assertions read DVC's own output: which stages ran, which were skipped or restor
 """
 
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import dvc_repo, ran, restored, sh
 
-REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["block2_pool", "block5_pool"]
 HEADS = ["logreg", "knn"]
 
 
-def sh(cwd: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "DVC_NO_ANALYTICS": "1",
-    }
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
-    return output
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("e2e")
-    shutil.copytree(
-        REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copy(REPO / "dvc.yaml", root)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(image_size=32, limit=150)
-    params["extract"]["layers"] = {layer: "avg" for layer in LAYERS}
-    params["train"].update(layers=LAYERS, heads=HEADS)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(root, "git", "init", "-q")
-    sh(root, "git", "config", "user.email", "test@example.invalid")
-    sh(root, "git", "config", "user.name", "test")
-    sh(root, sys.executable, "-m", "dvc", "init", "-q")
-    return root
+    params = {"data": {"image_size": 32, "limit": 150}, "train": {"layers": LAYERS, "heads": HEADS}}
+    replace = {"extract.layers": dict.fromkeys(LAYERS, "avg")}
+    return dvc_repo(tmp_path_factory.mktemp("e2e") / "repo", params, replace)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +59,25 @@ def test_layer_experiment_trains_nothing_new_and_ranks_one_layer(project, reprod
     assert len(rows) - 1 == len(HEADS)
 
 
-def test_returning_to_an_earlier_backbone_restores_features_from_the_run_cache(project, reproduced):
+def test_returning_to_an_earlier_backbone_restores_every_stage_from_the_run_cache(
+    project, reproduced
+):
+    """Features, heads, leaderboard and metrics come back from DVC's run-cache: no train cell
+    runs (treeverse/dvc#8738: an uncached output that is not a metric turns the run-cache off)."""
+    sh(project, "git", "checkout", "--", "params.yaml")  # the baseline's params, every cell
     output = sh(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "backbone.name=vgg19")
     assert "extract" in ran(output)
+    vgg19_best = (project / "models" / "best.json").read_text()
     output = sh(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "backbone.name=vgg16")
     assert "Stage 'extract' is cached - skipping run, checking out outputs" in output
-    assert "extract" not in ran(output)
+    cells = {f"train@{layer}-{head}" for layer in LAYERS for head in HEADS}
+    assert cells | {"extract", "select", "evaluate"} <= restored(output)
+    assert ran(output) == {"scan"}  # only the always-run check of params and inputs
+    best = json.loads((project / "models" / "best.json").read_text())
+    assert best["features"] != json.loads(vgg19_best)["features"]
+    for cell in cells:
+        metrics = json.loads((project / "metrics" / "train" / f"{cell[6:]}.json").read_text())
+        assert metrics["backbone"] == "vgg16"
 
 
 def test_finetune_enabled_reports_frozen_and_finetuned_side_by_side(project, reproduced):

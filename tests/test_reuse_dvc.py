@@ -1,0 +1,160 @@
+"""Trustworthy reuse through real DVC: a reused artefact is exactly what the current params,
+inputs and code would produce, and no param can make DVC delete anything outside the repo.
+
+Each test builds its own small git + DVC repository (32 px digits or a tiny image folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from conftest import dvc, dvc_repo, ran, restored, sh
+
+SMALL = {
+    "data": {"image_size": 32, "limit": 60},
+    "backbone": {"weights": "random"},
+    "extract": {"batch_size": 8, "storage_dtype": "float32"},
+    "train": {"layers": ["block5_pool"], "heads": ["logreg"]},
+}
+ONE_LAYER = {"extract.layers": {"block5_pool": "avg"}}
+
+
+def images_side(root: Path) -> int:
+    return int(np.load(root / "data" / "prepared" / "train_images.npy", mmap_mode="r").shape[1])
+
+
+def test_image_size_a_then_b_then_a_through_dvc_exp_run(tmp_path):
+    """DVC's run-cache ignores params named `size` (treeverse/dvc#10296): the param is
+    `data.image_size`, so a new value recomputes and the old one restores its own arrays."""
+    root = dvc_repo(tmp_path / "repo", SMALL, ONE_LAYER)
+    dvc(root, "repro")
+    assert images_side(root) == 32
+
+    output = dvc(root, "exp", "run", "-S", "data.image_size=40")
+    assert {"prepare", "extract", "train@block5_pool-logreg"} <= ran(output)
+    assert images_side(root) == 40
+    fp = json.loads(sh(root, sys.executable, "-c", PRINT_FINGERPRINT))
+    assert fp["image_size"] == 40
+
+    output = dvc(root, "exp", "run", "-S", "data.image_size=32")
+    assert {"prepare", "extract", "train@block5_pool-logreg"} <= restored(output)
+    assert images_side(root) == 32
+    fp = json.loads(sh(root, sys.executable, "-c", PRINT_FINGERPRINT))
+    assert fp["image_size"] == 32
+
+
+PRINT_FINGERPRINT = "import h5py; print(h5py.File('features/train.h5')['/'].attrs['fingerprint'])"
+
+
+def test_a_param_that_would_escape_the_repo_fails_before_dvc_deletes_anything(tmp_path):
+    """Matrix values become output paths and DVC removes outputs before a stage runs: the
+    `scan` stage refuses the params first, in seconds, and nothing outside is touched."""
+    root = dvc_repo(tmp_path / "repo", SMALL, ONE_LAYER)
+    victim = tmp_path / "x-logreg"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    t0 = time.monotonic()
+    output = dvc(root, "exp", "run", "-S", "train.layers=[block5_pool,../../x]", check=False)
+    assert time.monotonic() - t0 < 60
+    assert "failed to reproduce 'scan'" in output
+    assert "layer name '../../x' is not a Keras layer name" in output
+    assert not ran(output) - {"scan"}
+    assert (victim / "precious.txt").read_text() == "keep me"
+
+
+def test_folder_source_changes_rerun_prepare(tmp_path, make_image_folder):
+    """Adding, removing or editing an image re-runs prepare; nothing changed: nothing runs."""
+    from conftest import write_image
+
+    folder = make_image_folder(tmp_path / "photos", {"cat": 8, "dog": 8, "owl": 8})
+    params = {**SMALL, "data": {"source": "folder", "path": str(folder), "image_size": 16}}
+    root = dvc_repo(tmp_path / "repo", params, {"data.limit": None, **ONE_LAYER})
+    assert "prepare" in ran(dvc(root, "repro", "prepare"))
+    counts = json.loads((root / "data" / "prepared" / "meta.json").read_text())["counts"]
+    assert "Stage 'prepare' didn't change, skipping" in dvc(root, "repro", "prepare")
+
+    write_image(folder / "owl" / "owl_new.png")
+    assert "prepare" in ran(dvc(root, "repro", "prepare"))
+    grown = json.loads((root / "data" / "prepared" / "meta.json").read_text())["counts"]
+    assert sum(grown.values()) == sum(counts.values()) + 1
+
+    (folder / "cat" / "cat_000.png").unlink()
+    assert "prepare" in ran(dvc(root, "repro", "prepare"))
+
+    write_image(folder / "dog" / "dog_001.png", mode="L")  # same name, new content
+    assert "prepare" in ran(dvc(root, "repro", "prepare"))
+    assert "prepare" not in ran(dvc(root, "repro", "prepare"))
+
+
+def test_a_module_imported_by_extract_reruns_it_when_changed(tmp_path):
+    """pipeline/data.py is imported by prepare, extract and finetune: a change there makes
+    each of them out of date (the deps in dvc.yaml are derived, see test_provenance)."""
+    root = dvc_repo(tmp_path / "repo", SMALL, ONE_LAYER)
+    dvc(root, "repro", "extract")
+    assert "changed" not in dvc(root, "status", "extract")
+    with (root / "pipeline" / "data.py").open("a") as f:
+        f.write("\n# a change\n")
+    status = dvc(root, "status")
+    for stage in ("prepare:", "extract:", "finetune:"):
+        assert stage in status, status
+
+
+def _kill_during_extract(root: Path) -> None:
+    """Run `python -m pipeline.extract` with one batch per chunk; SIGKILL it part-way."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PIPELINE_CHUNK_BYTES="1", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.extract"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while len(list(root.glob(".cache/extract/*/train/chunk_*.npz"))) < 2:
+            assert proc.poll() is None, "extract ended before it was killed"
+            assert time.monotonic() < deadline, "no chunk file appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_resume_after_a_code_change_recomputes_every_row(tmp_path):
+    """Killed part-way, then pipeline/layers.py changed (the avg reduction doubled): the
+    next `dvc repro` must not keep rows from the old code. The code digest is part of the
+    fingerprint, so the old scratch is abandoned (and removed) and every row is new."""
+    import h5py
+
+    params = {**SMALL, "data": {"image_size": 32, "limit": 150}}
+    root = dvc_repo(tmp_path / "repo", params, ONE_LAYER)
+    dvc(root, "repro", "extract")
+    with h5py.File(root / "features" / "train.h5") as f:
+        before = f["features/block5_pool"][:]
+
+    _kill_during_extract(root)
+    old = list((root / ".cache" / "extract").glob("*/train"))
+    assert len(old) == 1 and 2 <= len(list(old[0].glob("chunk_*.npz"))) < len(before) // 8
+
+    layers = root / "pipeline" / "layers.py"
+    code = layers.read_text()
+    doubled = code.replace("return ops.mean(x, axis=(1, 2))", "return 2 * ops.mean(x, axis=(1, 2))")
+    assert doubled != code
+    layers.write_text(doubled)
+    output = dvc(root, "repro", "extract")
+    assert "extract" in ran(output) and "removed abandoned scratch" in output
+    assert not old[0].exists()
+    with h5py.File(root / "features" / "train.h5") as f:
+        after = f["features/block5_pool"][:]
+    np.testing.assert_allclose(after, 2 * before, rtol=1e-6)  # every row, none from the old code
+    assert not [p for p in (root / ".cache" / "extract").iterdir() if p.is_dir()]
