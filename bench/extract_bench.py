@@ -80,10 +80,17 @@ def run_extract(model, layers: dict, prepared: Path, out_dir: Path, batch_size: 
     """The project's extract of the prepared train split; returns the seconds it took."""
     from pipeline.data import load_split
     from pipeline.extraction import extract_split
+    from pipeline.records import file_sha256
+    from pipeline.synthetic import synthetic_fingerprint
 
+    images_file = prepared / "train_images.npy"
+    digest = file_sha256(images_file)  # recorded by prepare; extract checks it while it runs
+    extract = {"layers": layers, "batch_size": batch_size, "storage_dtype": "float16"}
+    fingerprint = synthetic_fingerprint(
+        layers, extract={**extract, "precision": "float32"}, data=f"bench-{time.time()}"
+    )
     start = time.perf_counter()
     images, labels = load_split(prepared, "train")
-    fingerprint = {"bench": True, "layers": layers, "n": len(labels), "t": time.time()}
     extract_split(
         model,
         images,
@@ -92,9 +99,9 @@ def run_extract(model, layers: dict, prepared: Path, out_dir: Path, batch_size: 
         fingerprint,
         {"class_names": [str(i) for i in range(10)]},
         batch_size,
-        "float16",
         out_dir / "scratch",
         desc="bench",
+        images_sha256=(images_file, digest),
     )
     seconds = time.perf_counter() - start
     (out_dir / "train.h5").unlink()

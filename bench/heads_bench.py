@@ -60,7 +60,6 @@ def settings(head: str, cfg: TrainConfig, path: str) -> str:
 def run(
     case: str, features: Path, layers: list[str], heads: list[str], cfg: TrainConfig, rows: list
 ) -> None:
-    backbone = open_splits(features)["train"].fingerprint["backbone"]
     with tempfile.TemporaryDirectory() as tmp:
         for layer in layers:
             for head in heads:
@@ -69,7 +68,7 @@ def run(
                     layer,
                     head,
                     cfg,
-                    backbone,
+                    None,
                     features,
                     Path(tmp) / "models",
                     Path(tmp) / "metrics",
@@ -78,12 +77,12 @@ def run(
                     [
                         case,
                         layer,
-                        f"{m['n_train']} x {m['feature_width']}",
+                        f"{m.n_train} x {m.feature_width}",
                         head,
-                        m["path"],
-                        settings(head, cfg, m["path"]),
-                        f"{m['fit_seconds']:.2f}",
-                        f"{m['val_accuracy']:.3f}",
+                        m.fit_path,
+                        settings(head, cfg, m.fit_path),
+                        f"{m.fit_seconds:.2f}",
+                        f"{m.val_accuracy:.3f}",
                         f"{time.perf_counter() - start:.1f}",
                     ]
                 )

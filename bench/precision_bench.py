@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     layers = dict(item.split(":") for item in args.layers.split(","))
     prepared = Path(tempfile.mkdtemp()) / "prepared"
-    prepare(DataConfig(source="digits", size=args.size, limit=args.limit), prepared)
+    prepare(DataConfig(source="digits", image_size=args.size, limit=args.limit), prepared)
     images, labels = {}, {}
     for split in SPLITS:
         rows, labels[split] = load_split(prepared, split)

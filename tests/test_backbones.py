@@ -8,6 +8,7 @@ architecture gives at that input, each layer reduced in another way.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +295,34 @@ def test_imagenet_loads_a_file_preplaced_in_the_keras_cache(offline, monkeypatch
         assert used == "imagenet"
         for got, want in zip(model.get_weights(), source.get_weights()):
             np.testing.assert_array_equal(got, want)
+
+
+def test_scan_knows_whether_keras_has_imagenet_weights_cached(offline, monkeypatch, tmp_path):
+    """`auto` resolves to imagenet exactly when Keras's cache holds the model's file: every
+    registry prefix matches the file name Keras itself asks for."""
+    import urllib.error
+
+    from keras.src.utils import file_utils
+
+    from pipeline.backbones import BACKBONES, weights_identity
+
+    asked = []
+
+    def record(url, path, *args, **kwargs):
+        asked.append(Path(path).name)
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", record)
+    for name, spec in BACKBONES.items():
+        assert weights_identity(name, "auto") == "auto:not-cached"
+        with pytest.raises(Exception, match="offline|URL|fetch"):
+            spec.build("imagenet", False, max(spec.min_size, 75))
+        assert asked[-1].startswith(spec.weights_prefix), (name, asked[-1])
+        (offline / "models").mkdir(exist_ok=True)
+        (offline / "models" / asked[-1]).write_bytes(b"cached")
+        assert weights_identity(name, "auto") == weights_identity(name, "imagenet") == "imagenet"
+    assert weights_identity("vgg16", "random") == "random"
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"some weights")
+    digest = hashlib.sha256(b"some weights").hexdigest()
+    assert weights_identity("vgg16", str(weights)) == f"file:sha256:{digest}"
