@@ -354,3 +354,14 @@ def test_prepare_is_atomic_over_an_earlier_result(project, monkeypatch):
         prepare(load_params().data, project.prepared)
     assert (project.prepared / "meta.json").read_text() == before
     assert not Path(str(project.prepared) + ".partial").exists()
+
+
+def test_no_stage_turns_its_run_cache_off():
+    """DVC keeps no run-cache entry for a stage with an uncached output that is not a metric
+    or plot (treeverse/dvc#8738), nor for a persistent one: such a stage would re-run on
+    every return to an earlier configuration."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            options = next(iter(out.values())) if isinstance(out, dict) else {}
+            assert options.get("cache", True) and not options.get("persist"), (name, out)
