@@ -89,28 +89,21 @@ def require(where: str, recorded: dict, expected: dict, rerun: str) -> None:
         )
 
 
-def scanned_source(params: Params, scan: Path = paths.SCAN) -> SourceRecord:
-    path = Path(scan) / paths.SOURCE_RECORD.name
-    record = SourceRecord.read(path, "dvc repro scan")
-    require(
-        str(path),
-        record.model_dump(),
-        {"source": params.data.source, "path": params.data.path},
-        "dvc repro scan",
-    )
+def _scanned(kind, path: Path, expect: dict):
+    """A record the scan stage wrote, refused unless it was written for the current params."""
+    record = kind.read(path, "dvc repro scan")
+    require(str(path), record.model_dump(), expect, "dvc repro scan")
     return record
+
+
+def scanned_source(params: Params, scan: Path = paths.SCAN) -> SourceRecord:
+    expect = {"source": params.data.source, "path": params.data.path}
+    return _scanned(SourceRecord, Path(scan) / paths.SOURCE_RECORD.name, expect)
 
 
 def scanned_weights(params: Params, scan: Path = paths.SCAN) -> WeightsRecord:
-    path = Path(scan) / paths.WEIGHTS_RECORD.name
-    record = WeightsRecord.read(path, "dvc repro scan")
-    require(
-        str(path),
-        record.model_dump(),
-        {"backbone": params.backbone.name, "weights": params.backbone.weights},
-        "dvc repro scan",
-    )
-    return record
+    expect = {"backbone": params.backbone.name, "weights": params.backbone.weights}
+    return _scanned(WeightsRecord, Path(scan) / paths.WEIGHTS_RECORD.name, expect)
 
 
 def expected_prepared(params: Params, source: SourceRecord) -> dict:

@@ -44,6 +44,8 @@ def test_small_params_and_defaults():
         ),
         ({"extract": {"batch_size": 0}}, ["extract.batch_size", "0"]),
         ({"data": {"image_size": 4}}, ["data.image_size", "8", "4"]),
+        ({"data": {"image_size": -5}}, ["data.image_size", "-5"]),
+        ({"data": {"image_size": 32.5}}, ["data.image_size", "integer", "32.5"]),
         ({"data": {"size": 64}}, ["data.size is now called data.image_size"]),
         # names that become output paths: one plain path component, no traversal
         (

@@ -18,24 +18,14 @@ from pipeline.extraction import extract_split
 from pipeline.layers import Reduce, build_extractor, reduced_width
 from pipeline.records import Fingerprint, RecordError
 from pipeline.store import ChunkWriter, FeatureStoreError, open_features, open_splits
+from pipeline.synthetic import synthetic_fingerprint
 
 LAYERS = {"block2_pool": "avg", "block3_pool": "grid2", "block4_pool": "max", "block5_pool": "none"}
 
 
 def fingerprint_for(layers: dict, dtype: str = "float32", **fields) -> Fingerprint:
     extract = {"layers": layers, "batch_size": 8, "storage_dtype": dtype, "precision": "float32"}
-    defaults = {
-        "backbone": {"name": "vgg16", "weights": "random"},
-        "weights": "random",
-        "weights_used": "random",
-        "extract": extract,
-        "precision": "float32",
-        "data": "test-images",
-        "image_size": 32,
-        "code": "test",
-        "versions": {},
-    }
-    return Fingerprint(**{**defaults, **fields})
+    return synthetic_fingerprint(layers, extract=extract, **fields)
 
 
 def run_extract(model, images, labels, out, scratch, layers=LAYERS, batch_size=8, dtype="float32"):
