@@ -10,9 +10,10 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import HEADS, TrainConfig
-from pipeline.heads import Plan, load_head, predict, read_head, scores
+from pipeline.heads import Plan, load_head, predict, read_head
 from pipeline.provenance import code_digest, head_params
 from pipeline.records import BestChoice, RecordError
+from pipeline.scoring import score
 from pipeline.store import open_features
 
 
@@ -116,22 +117,21 @@ def evaluate(
     layer = info.layer
     plan = Plan.for_matrix(len(test.labels), test.widths[layer], max_memory_mb)
     predicted = predict(model, info.kind, test, layer, plan.block_rows)
-    acc, f1 = scores(test.labels, predicted, len(test.class_names))
-    val_acc = best.ranking[0].val_accuracy
+    s = score(test.labels, predicted, len(test.class_names))
     result = {
         "frozen": {
             "cell": best.cell,
-            "test_accuracy": round(acc, 6),
-            "test_macro_f1": round(f1, 6),
-            "val_accuracy": val_acc,
-            "n_test": len(test.labels),
+            "test_accuracy": s.accuracy,
+            "test_accuracy_ci95": list(s.accuracy_ci95),
+            "test_macro_f1": s.macro_f1,
+            "val_accuracy": best.ranking[0].val_accuracy,
+            "n_test": s.n,
         }
     }
     finetune = json.loads(Path(finetune_file).read_text()) if Path(finetune_file).is_file() else {}
     if finetune.get("enabled"):
-        result["finetuned"] = {
-            k: finetune.get(k) for k in ("test_accuracy", "test_macro_f1", "val_accuracy")
-        }
+        keys = ("test_accuracy", "test_accuracy_ci95", "test_macro_f1", "val_accuracy")
+        result["finetuned"] = {k: finetune.get(k) for k in keys}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     for name in ("confusion.csv", "confusion_normalized.csv"):

@@ -354,22 +354,29 @@ def image_batches(
     return ImageBatches()
 
 
-def _keep_best(initial: dict, patience: int):
+def _keep_best(initial: dict, patience: int, n_val: int):
     """Early stopping on val_accuracy (ties broken by val_loss) whose first candidate is the
-    state before training; the best weights are restored at the end."""
+    state before training; the best weights are restored at the end.
+
+    Accuracies are compared as counts of correct images: Keras logs them in float32
+    (44/49 = 0.8979591727) and the initial one is float64 (0.8979591837), so comparing the
+    floats would make every tie with the start a loss, whatever the loss says."""
     import keras
+
+    def correct(accuracy: float) -> int:
+        return round(float(accuracy) * n_val)
 
     class KeepBest(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.best = (initial["val_accuracy"], -initial["val_loss"])
+            self.best = (correct(initial["val_accuracy"]), -initial["val_loss"])
             self.best_epoch, self.wait, self.weights = 0, 0, None
 
         def on_train_begin(self, logs=None):
             self.weights = [v.numpy() for v in self.model.trainable_variables]
 
         def on_epoch_end(self, epoch, logs=None):
-            score = (logs["val_accuracy"], -logs["val_loss"])
+            score = (correct(logs["val_accuracy"]), -logs["val_loss"])
             if score > self.best:
                 self.best, self.best_epoch, self.wait = score, epoch + 1, 0
                 self.weights = [v.numpy() for v in self.model.trainable_variables]
@@ -386,13 +393,15 @@ def _keep_best(initial: dict, patience: int):
 
 
 def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
-    from sklearn.metrics import accuracy_score, f1_score
+    """The project's scores of predicted probabilities, plus their cross-entropy."""
+    from pipeline.scoring import score
 
-    pred = np.argmax(probs, axis=1)
+    s = score(labels, np.argmax(probs, axis=1), probs.shape[1])
     p = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1 - 1e-7)
     return {
-        "accuracy": float(accuracy_score(labels, pred)),
-        "macro_f1": float(f1_score(labels, pred, average="macro")),
+        "accuracy": s.accuracy,
+        "accuracy_ci95": list(s.accuracy_ci95),
+        "macro_f1": s.macro_f1,
         "loss": float(np.mean(-np.log(p))),
     }
 
@@ -409,7 +418,7 @@ def fit(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    keep = _keep_best(initial, cfg.patience)
+    keep = _keep_best(initial, cfg.patience, len(data["val"][1]))
     result = assembly.model.fit(
         image_batches(*data["train"], cfg.batch_size, shuffle=True),
         validation_data=image_batches(*data["val"], cfg.batch_size),
@@ -552,8 +561,10 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
         "model_file": str(paths.out / MODEL_FILE),
         "n_train": len(data["train"][1]),
         "val_accuracy": after["val"]["accuracy"],
+        "val_accuracy_ci95": after["val"]["accuracy_ci95"],
         "val_macro_f1": after["val"]["macro_f1"],
         "test_accuracy": after["test"]["accuracy"],
+        "test_accuracy_ci95": after["test"]["accuracy_ci95"],
         "test_macro_f1": after["test"]["macro_f1"],
         "fit_seconds": round(fit_seconds, 3),
         "started_from": spec.cell,

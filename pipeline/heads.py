@@ -24,7 +24,6 @@ import joblib
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression, SGDClassifier
-from sklearn.metrics import accuracy_score, f1_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -400,9 +399,3 @@ def predict(model, kind: str, ff: FeatureFile, layer: str, block_rows: int) -> n
         else:
             out.append(model.predict(x))
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
-
-
-def scores(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> tuple[float, float]:
-    """(accuracy, macro-F1 over all classes)."""
-    f1 = f1_score(labels, predicted, labels=np.arange(n_classes), average="macro", zero_division=0)
-    return float(accuracy_score(labels, predicted)), float(f1)

@@ -22,14 +22,22 @@ COLUMNS = [
     "feature_width",
     "n_train",
     "val_accuracy",
+    "val_accuracy_ci95",
     "val_macro_f1",
     "test_accuracy",
+    "test_accuracy_ci95",
     "test_macro_f1",
     "fit_seconds",
     "backbone",
     "weights",
 ]
 KERAS_EXPRESSIBLE = ("logreg", "linear_svm", "dense")  # heads fine-tuning can start from
+# Cells equal on both validation metrics are ranked by this rule, never by timing noise.
+HEAD_PREFERENCE = (*KERAS_EXPRESSIBLE, "knn", "random_forest")
+TIE_RULE = (
+    "ties go to the head fine-tuning can start from, simplest first "
+    f"({', '.join(HEAD_PREFERENCE)}), then to the narrower layer"
+)
 
 
 def finetune_candidates(ranked: list[dict]) -> list[RankedCell]:
@@ -78,10 +86,34 @@ def collect(train: TrainConfig, features: Fingerprint, metrics: Path, models: Pa
     return rows
 
 
+def _other(metric: str) -> str:
+    return "val_macro_f1" if metric == "val_accuracy" else "val_accuracy"
+
+
 def rank(rows: list[dict], metric: str) -> list[dict]:
-    """Best first by the validation metric, then the other validation metric, then fit time."""
-    other = "val_macro_f1" if metric == "val_accuracy" else "val_accuracy"
-    return sorted(rows, key=lambda r: (-r[metric], -r[other], r["fit_seconds"], r["cell"]))
+    """Best first by the validation metric, then the other one, then by TIE_RULE."""
+    return sorted(
+        rows,
+        key=lambda r: (
+            -r[metric],
+            -r[_other(metric)],
+            HEAD_PREFERENCE.index(r["head"]),
+            r["feature_width"],
+            r["cell"],
+        ),
+    )
+
+
+def tie_note(ranked: list[dict], metric: str) -> str | None:
+    """How a tie at the top was broken, or None when the best cell stands alone."""
+    top = (ranked[0][metric], ranked[0][_other(metric)])
+    tied = [r["cell"] for r in ranked if (r[metric], r[_other(metric)]) == top]
+    if len(tied) < 2:
+        return None
+    return (
+        f"{len(tied)} cells tie on {metric} and {_other(metric)} ({', '.join(tied)}); "
+        f"{TIE_RULE}: {ranked[0]['cell']}"
+    )
 
 
 def markdown(ranked: list[dict], metric: str) -> str:
@@ -91,6 +123,7 @@ def markdown(ranked: list[dict], metric: str) -> str:
         "fit_path",
         "feature_width",
         "val_accuracy",
+        "val_accuracy_ci95",
         "val_macro_f1",
         "test_accuracy",
         "test_macro_f1",
@@ -103,6 +136,8 @@ def markdown(ranked: list[dict], metric: str) -> str:
             f"Best on validation ({metric}): **{ranked[0]['cell']}**. Test columns are shown "
             "for reference and play no part in the choice."
         ),
+        *([f"Tie: {note}.", ""] if (note := tie_note(ranked, metric)) else []),
+        "Accuracy intervals are 95% Wilson intervals over the validation images.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---:" if c != "cell" else "---" for c in cols) + "|",
@@ -115,6 +150,8 @@ def markdown(ranked: list[dict], metric: str) -> str:
             if c == "fit_seconds"
             else f"{r[c]:.4f}"
             if isinstance(r[c], float)
+            else f"[{r[c][0]:.3f}, {r[c][1]:.3f}]"
+            if c.endswith("_ci95")
             else str(r[c])
             for c in cols
         ]
@@ -140,6 +177,7 @@ def select(
         metric=cfg.metric,
         value=top[cfg.metric],
         features=features.digest,
+        tie_break=tie_note(ranked, cfg.metric),
         ranking=finetune_candidates(ranked),
     )
     per_layer = {
@@ -151,7 +189,9 @@ def select(
         "best_layer": top["layer"],
         "best_head": top["head"],
         "best_val_accuracy": top["val_accuracy"],
+        "best_val_accuracy_ci95": list(top["val_accuracy_ci95"]),
         "best_val_macro_f1": top["val_macro_f1"],
+        "tie_break": tie_note(ranked, cfg.metric),
         "val_accuracy_by_layer": per_layer,
     }
     Path(reports).mkdir(parents=True, exist_ok=True)

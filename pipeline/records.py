@@ -154,8 +154,10 @@ class CellMetrics(Record):
     fit_path: Literal["memory", "stream"]
     n_train: int
     val_accuracy: float
+    val_accuracy_ci95: tuple[float, float]
     val_macro_f1: float
     test_accuracy: float
+    test_accuracy_ci95: tuple[float, float]
     test_macro_f1: float
     fit_seconds: float
     model_sha256: str
@@ -184,4 +186,5 @@ class BestChoice(Record):
     metric: str
     value: float
     features: str  # Fingerprint.digest
+    tie_break: str | None  # how a tie at the top was broken (leaderboard.TIE_RULE)
     ranking: list[RankedCell]

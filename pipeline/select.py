@@ -19,6 +19,8 @@ def main() -> None:
         f"best on validation: {best.cell} ({best.metric} {best.value:.4f}); "
         "see reports/leaderboard.md"
     )
+    if best.tie_break:
+        print(f"tie: {best.tie_break}")
 
 
 if __name__ == "__main__":

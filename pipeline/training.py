@@ -8,9 +8,10 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import TrainConfig
-from pipeline.heads import MEMORY_FACTOR, Plan, fit_head, kind_of, predict, save_model, scores
+from pipeline.heads import MEMORY_FACTOR, Plan, fit_head, kind_of, predict, save_model
 from pipeline.provenance import code_digest, head_params
 from pipeline.records import CellMetrics, HeadRecord, file_sha256
+from pipeline.scoring import score
 from pipeline.store import open_splits
 
 
@@ -44,8 +45,9 @@ def train_cell(
     n_classes = len(train.class_names)
     scored = {}
     for name, ff in (("val", val), ("test", test)):
-        acc, f1 = scores(ff.labels, predict(model, kind, ff, layer, plan.block_rows), n_classes)
-        scored[f"{name}_accuracy"], scored[f"{name}_macro_f1"] = round(acc, 6), round(f1, 6)
+        s = score(ff.labels, predict(model, kind, ff, layer, plan.block_rows), n_classes)
+        scored[f"{name}_accuracy"], scored[f"{name}_macro_f1"] = s.accuracy, s.macro_f1
+        scored[f"{name}_accuracy_ci95"] = s.accuracy_ci95
     model_file = save_model(model, kind, out)
     record = HeadRecord(
         cell=cell,

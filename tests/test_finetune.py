@@ -151,6 +151,7 @@ def best_choice(heads_dir, cells: list[str], vals: list[float]) -> BestChoice:
         metric="val_accuracy",
         value=top.val_accuracy,
         features=HeadRecord.read(heads_dir / top.cell / "head.json", "-").features.digest,
+        tie_break=None,
         ranking=ranking,
     )
 
@@ -160,15 +161,13 @@ def fit_sklearn(world, clf):
 
 
 def dense_head(world, epochs: int = 2):
-    """The heads stage's Keras head: Normalization -> Dense relu -> Dropout -> Dense softmax."""
-    import keras
+    """The train stage's own Keras head (heads.build_dense), fitted on the features."""
+    from pipeline.config import DenseConfig
+    from pipeline.heads import build_dense
 
     x, y = world["features"]["train"], world["data"]["train"][1]
-    inputs = keras.Input((x.shape[1],), name="features")
-    h = keras.layers.Normalization(mean=x.mean(0), variance=x.var(0) + 1e-6)(inputs)
-    h = keras.layers.Dropout(0.5)(keras.layers.Dense(16, activation="relu")(h))
-    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(h))
-    model.compile("adam", "sparse_categorical_crossentropy")
+    cfg = DenseConfig(hidden=[16], dropout=0.5, epochs=epochs)
+    model = build_dense(x.shape[1], 10, cfg, x.mean(0), x.var(0) + 1e-6)
     model.fit(x, y, epochs=epochs, verbose=0)
     return model
 
@@ -461,4 +460,24 @@ def test_precision_param_is_validated_and_auto_resolves():
     with pytest.raises(ConfigError, match="finetune.precision"):
         parse_params({"finetune": {"precision": "bf16"}})
     assert resolve_precision("mixed_float16") == "mixed_float16"
-    assert resolve_precision("auto") in ("float32", "mixed_bfloat16")
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        assert resolve_precision("auto") == "float32"  # a CPU: float32 is the fastest there
+
+
+def test_an_epoch_tied_on_accuracy_with_lower_loss_beats_the_start():
+    """Keras logs val_accuracy in float32 (44/49 -> 0.8979591727), the starting value is
+    float64 (0.8979591837): the tie must still be broken by the loss."""
+    import keras
+
+    from pipeline.finetuning import _keep_best
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    keep = _keep_best({"val_accuracy": 44 / 49, "val_loss": 0.360}, patience=2, n_val=49)
+    keep.set_model(model)
+    keep.on_train_begin()
+    keep.on_epoch_end(0, {"val_accuracy": float(np.float32(44 / 49)), "val_loss": 0.286})
+    assert keep.best_epoch == 1
+    keep.on_epoch_end(1, {"val_accuracy": float(np.float32(43 / 49)), "val_loss": 0.1})
+    assert keep.best_epoch == 1  # one image fewer is worse, whatever the loss

@@ -15,6 +15,7 @@ from pipeline.evaluation import evaluate
 from pipeline.leaderboard import SelectError, select
 from pipeline.provenance import code_digest, head_params
 from pipeline.records import CellMetrics, HeadRecord, RecordError, file_sha256
+from pipeline.scoring import wilson_interval
 from pipeline.synthetic import synthetic_fingerprint, write_features
 from pipeline.training import train_cell
 
@@ -22,7 +23,7 @@ FINGERPRINT = synthetic_fingerprint(["a", "b"])
 TRAIN_CODE = code_digest("train")
 
 
-def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, features=FINGERPRINT):
+def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, features=FINGERPRINT, width=8):
     """metrics/train/<cell>.json and models/heads/<cell>/ as a train cell writes them."""
     cell, kind = f"{layer}-{head}", "keras" if head == "dense" else "sklearn"
     model = "model.keras" if kind == "keras" else "model.joblib"
@@ -34,12 +35,14 @@ def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, features=FINGE
         head=head,
         backbone="vgg16",
         weights="random",
-        feature_width=8,
+        feature_width=width,
         fit_path="memory",
         n_train=100,
         val_accuracy=val,
+        val_accuracy_ci95=wilson_interval(round(val * 100), 100),
         val_macro_f1=val if val_f1 is None else val_f1,
         test_accuracy=test,
+        test_accuracy_ci95=wilson_interval(round(test * 100), 100),
         test_macro_f1=test,
         fit_seconds=fit,
         model_sha256=sha,
@@ -146,13 +149,37 @@ def test_best_json_holds_digests_of_the_models_finetuning_may_read(tmp_path):
     assert best.ranking[-1].model_sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
-def test_ties_are_broken_by_macro_f1_then_fit_time(tmp_path):
-    fake_cell(tmp_path, "a", "logreg", val=0.9, test=0.5, val_f1=0.80, fit=0.1)
-    fake_cell(tmp_path, "a", "knn", val=0.9, test=0.5, val_f1=0.85, fit=9.0)
-    fake_cell(tmp_path, "b", "logreg", val=0.9, test=0.5, val_f1=0.85, fit=2.0)
-    fake_cell(tmp_path, "b", "knn", val=0.9, test=0.5, val_f1=0.85, fit=5.0)
-    run_select(tmp_path, ["a", "b"], ["logreg", "knn"])
-    assert [r["cell"] for r in leaderboard(tmp_path)] == ["b-logreg", "b-knn", "a-knn", "a-logreg"]
+def test_ties_are_broken_by_macro_f1_then_a_stated_rule(tmp_path):
+    """Equal validation scores: the head fine-tuning can start from, simplest first, then the
+    narrower layer; never the fit time, which differs from run to run."""
+    fake_cell(tmp_path, "a", "knn", val=0.9, test=0.5, val_f1=0.85, fit=0.1, width=64)
+    fake_cell(tmp_path, "a", "logreg", val=0.9, test=0.5, val_f1=0.80, fit=0.1, width=64)
+    fake_cell(tmp_path, "b", "logreg", val=0.9, test=0.5, val_f1=0.85, fit=9.0, width=512)
+    fake_cell(tmp_path, "b", "knn", val=0.9, test=0.5, val_f1=0.85, fit=0.1, width=512)
+    fake_cell(tmp_path, "c", "logreg", val=0.9, test=0.5, val_f1=0.85, fit=5.0, width=64)
+    fake_cell(tmp_path, "c", "knn", val=0.5, test=0.5, width=64)
+    best = run_select(tmp_path, ["a", "b", "c"], ["logreg", "knn"])
+    assert [r["cell"] for r in leaderboard(tmp_path)] == [
+        "c-logreg",  # logreg before knn, then 64 features before 512
+        "b-logreg",
+        "a-knn",
+        "b-knn",
+        "a-logreg",  # lower macro-F1
+        "c-knn",
+    ]
+    assert best.tie_break.startswith("4 cells tie on val_accuracy and val_macro_f1")
+    assert best.tie_break.endswith("then to the narrower layer: c-logreg")
+    assert f"Tie: {best.tie_break}." in (tmp_path / "reports" / "leaderboard.md").read_text()
+    assert json.loads((tmp_path / "select.json").read_text())["tie_break"] == best.tie_break
+    fake_cell(tmp_path, "c", "logreg", val=0.95, test=0.5)
+    assert run_select(tmp_path, ["a", "b", "c"], ["logreg", "knn"]).tie_break is None
+
+
+def test_every_head_has_a_place_in_the_tie_rule():
+    from pipeline.config import HEADS
+    from pipeline.leaderboard import HEAD_PREFERENCE
+
+    assert sorted(HEAD_PREFERENCE) == sorted(HEADS)
 
 
 def test_missing_or_mismatched_cells_are_reported(tmp_path):
@@ -243,6 +270,7 @@ def test_evaluate_puts_the_finetuned_model_beside_the_frozen_head(trained):
                 "enabled": True,
                 "val_accuracy": 0.91,
                 "test_accuracy": 0.92,
+                "test_accuracy_ci95": [0.85, 0.96],
                 "test_macro_f1": 0.9,
                 "epochs": 3,
             }
@@ -251,6 +279,7 @@ def test_evaluate_puts_the_finetuned_model_beside_the_frozen_head(trained):
     result = run_evaluate()
     assert result["finetuned"] == {
         "test_accuracy": 0.92,
+        "test_accuracy_ci95": [0.85, 0.96],
         "test_macro_f1": 0.9,
         "val_accuracy": 0.91,
     }
