@@ -25,6 +25,7 @@ from pipeline.config import DataConfig
 from pipeline.data import SPLITS, load_split, prepare
 from pipeline.forward import Forward
 from pipeline.layers import build_extractor
+from pipeline.scoring import score
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -84,8 +85,9 @@ def main() -> None:
             storage = rel_l2(stored.astype(np.float16).astype(np.float32), stored)
             head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
             head.fit(f["train"][layer], labels["train"])
-            val = head.score(f["val"][layer], labels["val"])
-            test = head.score(f["test"][layer], labels["test"])
+            val, test = (
+                score(labels[s], head.predict(f[s][layer]), 10).accuracy for s in ("val", "test")
+            )
             print(
                 f"| {layer} | {precision} | {speed[precision]:.0f} | {drift:.3%} | {storage:.3%} | {val:.3f} | {test:.3f} |"
             )
