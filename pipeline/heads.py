@@ -351,7 +351,8 @@ def read_head(
     directory: str | Path, expect: dict | None = None, model_sha256: str | None = None
 ) -> HeadRecord:
     """head.json of a trained head, refused unless its fields match `expect` (params, code,
-    features) and its model file has the recorded digest (and `model_sha256`, when given)."""
+    features) and it records `model_sha256`, when given. The model file itself is checked by
+    `verify_model` or `load_head`."""
     directory = Path(directory)
     record = HeadRecord.read(directory / "head.json", "dvc repro train")
     if expect:
@@ -363,11 +364,11 @@ def read_head(
             f"{directory / 'head.json'} records model sha256 {record.model_sha256[:12]}..., "
             f"the selection recorded {model_sha256[:12]}...: run `dvc repro train select`"
         )
-    _verified_bytes(directory, record)
     return record
 
 
-def _verified_bytes(directory: Path, record: HeadRecord) -> bytes:
+def verify_model(directory: str | Path, record: HeadRecord) -> bytes:
+    """The model file's bytes, refused unless they have the sha256 head.json records."""
     path = Path(directory) / record.model
     if not path.is_file():
         raise RecordError(f"{path} is missing: run `dvc repro train`")
@@ -382,7 +383,7 @@ def _verified_bytes(directory: Path, record: HeadRecord) -> bytes:
 
 def load_head(directory: str | Path, record: HeadRecord):
     """The trained model, deserialised only after its bytes match the recorded sha256."""
-    data = _verified_bytes(directory, record)
+    data = verify_model(directory, record)
     if record.kind == "keras":
         import keras
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import SelectConfig, TrainConfig
-from pipeline.heads import read_head
+from pipeline.heads import read_head, verify_model
 from pipeline.provenance import code_digest, head_params
 from pipeline.records import BestChoice, CellMetrics, Fingerprint, RankedCell, RecordError
 
@@ -76,6 +76,7 @@ def collect(train: TrainConfig, features: Fingerprint, metrics: Path, models: Pa
                 "code": code,
             }
             record = read_head(Path(models) / cell, expect)
+            verify_model(Path(models) / cell, record)
             if (m.layer, m.head, m.model_sha256) != (layer, head, record.model_sha256):
                 raise SelectError(
                     f"{Path(metrics) / f'{cell}.json'} does not score the model in "
