@@ -17,7 +17,8 @@ def main() -> None:
             "Enable it with `dvc exp run -S finetune.enabled=true`."
         )
         return
-    from pipeline.finetuning import FinetuneError, finetune
+    from pipeline.conversion import FinetuneError
+    from pipeline.finetuning import finetune
     from pipeline.records import RecordError
 
     try:

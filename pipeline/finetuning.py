@@ -1,22 +1,9 @@
-"""Fine-tuning that starts from the best frozen head.
+"""Fine-tuning that starts from the best frozen head (`conversion`) inside one Keras model
+(`assembly`): training with early stopping, evaluation, the report and learning curves.
 
-One Keras model: uint8 images -> the backbone's preprocessing -> the backbone up to the best
-head's layer -> the reduction extract applied -> the head, initialised from the trained head:
-
-- a linear scikit-learn head (scaler [-> PCA] -> logistic regression / linear SVM / SGD) is
-  an affine map of the features, so it becomes one Dense layer with every step folded into
-  its kernel and bias; its logits equal the pipeline's decision function;
-- a Keras head is loaded with its trained weights;
-- any other head (kNN, random forest) cannot be written as Keras layers: the best head of the
-  ranking that can is used instead, and the report says so.
-
-Backbone layers from `unfreeze` upward train, everything below stays frozen, and every
-BatchNormalization layer is made non-trainable, which in Keras 3 is what keeps it in inference
-mode: a `training=False` passed when calling the backbone inside a functional model is
-overridden by `fit`'s `training=True`. The state before training is a candidate of early
-stopping, so the result is never worse on validation than the head it started from.
-
-Keras and scikit-learn are imported lazily: the disabled path never loads TensorFlow.
+The state before training is a candidate of early stopping, so the result is never worse on
+validation than the head it started from. Keras and scikit-learn are imported lazily: the
+disabled path never loads TensorFlow.
 """
 
 from __future__ import annotations
@@ -25,31 +12,23 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import paths as layout
+from pipeline.assembly import SEED, Assembly, assemble
 from pipeline.config import FinetuneConfig, Params
+from pipeline.conversion import FinetuneError, choose_head
 from pipeline.precision import use_precision
-from pipeline.records import BestChoice, HeadRecord
+from pipeline.records import BestChoice
 
 MODEL_FILE = "model.keras"
 STATUS_FILE = "status.json"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
-SEED = 0
-MISSING_CLASS_BIAS = -1.0e4  # a class the head never saw: never predicted
-
-
-class FinetuneError(ValueError):
-    """Fine-tuning cannot start: the message says what is wrong and what to change or re-run."""
-
-
-class NotExpressible(ValueError):
-    """A head that cannot be written as Keras layers (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -95,233 +74,6 @@ def write_disabled(paths: Paths) -> dict:
     write_history(paths.plots / HISTORY_FILE, [])
     _write_json(paths.metrics, report)
     return report
-
-
-# ---------------------------------------------------------------- heads
-
-
-@dataclass
-class HeadSpec:
-    """One trained head: its folder under models/heads/ and its checked head.json."""
-
-    cell: str
-    directory: Path
-    record: HeadRecord
-
-    @property
-    def layer(self) -> str:
-        return self.record.layer
-
-    @property
-    def kind(self) -> str:
-        return self.record.kind
-
-
-def _affine_step(name: str, step) -> tuple:
-    """(A, c) with step.transform(x) == x @ A + c; A is a vector when the map is diagonal."""
-    from sklearn.decomposition import PCA, IncrementalPCA
-    from sklearn.preprocessing import StandardScaler
-
-    if isinstance(step, StandardScaler):
-        width = step.n_features_in_
-        scale = step.scale_ if step.with_std and step.scale_ is not None else np.ones(width)
-        mean = step.mean_ if step.with_mean and step.mean_ is not None else np.zeros(width)
-        return 1.0 / scale, -mean / scale
-    if isinstance(step, (PCA, IncrementalPCA)):
-        a = np.asarray(step.components_, np.float64).T  # (d, p)
-        c = -np.asarray(step.mean_, np.float64) @ a
-        if step.whiten:
-            std = np.sqrt(step.explained_variance_)
-            a, c = a / std, c / std
-        return a, c
-    raise NotExpressible(f"step {name!r} ({type(step).__name__}) is not an affine map")
-
-
-def linear_head_weights(pipeline, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Kernel (d, n_classes) and bias whose logits equal the pipeline's decision function.
-
-    Binary heads get logits [0, f]: their softmax is the logistic regression's predict_proba.
-    A multinomial logistic regression's softmax equals its predict_proba; for one-vs-rest and
-    hinge-loss models the logits are the decision function, so the argmax (the prediction)
-    is the same.
-    """
-    from sklearn.linear_model._base import LinearClassifierMixin
-
-    steps = list(pipeline.steps) if hasattr(pipeline, "steps") else [("classifier", pipeline)]
-    clf = steps[-1][1]
-    if not isinstance(clf, LinearClassifierMixin):
-        raise NotExpressible(f"its classifier {type(clf).__name__} is not linear")
-    coef = clf.coef_.toarray() if hasattr(clf.coef_, "toarray") else np.asarray(clf.coef_)
-    coef, bias = coef.astype(np.float64), np.atleast_1d(np.asarray(clf.intercept_, np.float64))
-    if coef.shape[0] == 1:  # binary: one decision function f, class 1 when f > 0
-        coef, bias = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, bias[0]])
-    kernel = coef.T  # (p, k)
-    for step_name, step in reversed(steps[:-1]):
-        if step is None or step == "passthrough":
-            continue
-        a, c = _affine_step(step_name, step)
-        bias = c @ kernel + bias
-        kernel = a[:, None] * kernel if a.ndim == 1 else a @ kernel
-    classes = np.asarray(clf.classes_)
-    if (
-        not np.issubdtype(classes.dtype, np.integer)
-        or classes.min() < 0
-        or classes.max() >= n_classes
-    ):
-        raise FinetuneError(
-            f"the head's classes {classes.tolist()} are not indices of the {n_classes} prepared "
-            "classes: run `dvc repro train`"
-        )
-    full_kernel = np.zeros((kernel.shape[0], n_classes))
-    full_bias = np.full(n_classes, MISSING_CLASS_BIAS)
-    full_kernel[:, classes], full_bias[classes] = kernel, bias
-    return full_kernel.astype(np.float32), full_bias.astype(np.float32)
-
-
-def linear_head(kernel: np.ndarray, bias: np.ndarray, name: str = "head"):
-    """features -> Dense (logits, layer `head_logits`) -> softmax, all in float32."""
-    import keras
-
-    features = keras.Input((kernel.shape[0],), name="features")
-    dense = keras.layers.Dense(kernel.shape[1], name="head_logits", dtype="float32")
-    probs = keras.layers.Activation("softmax", name="probs", dtype="float32")(dense(features))
-    dense.set_weights([kernel, bias])
-    return keras.Model(features, probs, name=name)
-
-
-def head_to_keras(spec: HeadSpec, n_classes: int):
-    """(Keras model features -> probabilities initialised from the head, frozen predict fn)."""
-    from pipeline.heads import load_head
-
-    model = load_head(spec.directory, spec.record)  # only after its digest is checked
-    if spec.kind == "keras":  # its own predictions are taken before training
-        return model, lambda x: np.argmax(model.predict(x, verbose=0), axis=1)
-    kernel, bias = linear_head_weights(model, n_classes)
-    return linear_head(kernel, bias, name=f"head_{spec.record.head}"), model.predict
-
-
-@dataclass
-class StartingHead:
-    spec: HeadSpec
-    model: object  # keras.Model: features -> class probabilities
-    frozen_predict: object  # the trained head's own prediction function on features
-    fallback: str | None
-    ranked_val_accuracy: float | None
-
-
-def choose_head(best: BestChoice, heads_dir: Path, n_classes: int) -> StartingHead:
-    """The best head, or the best one of the ranking that Keras can express (with the reason).
-
-    Each model is deserialised only if it has the digest best.json recorded."""
-    from pipeline.heads import read_head
-
-    metric = best.metric
-    skipped = []
-    for rank, entry in enumerate(best.ranking, start=1):
-        directory = Path(heads_dir) / entry.cell
-        spec = HeadSpec(
-            entry.cell, directory, read_head(directory, model_sha256=entry.model_sha256)
-        )
-        try:
-            model, predict = head_to_keras(spec, n_classes)
-        except NotExpressible as exc:
-            skipped.append(f"{entry.cell} ({exc})")
-            continue
-        fallback = None
-        if skipped:
-            fallback = (
-                f"the best head {skipped[0]} cannot be expressed in Keras"
-                + (f", nor can {', '.join(skipped[1:])}" if skipped[1:] else "")
-                + f"; fine-tuning started from {entry.cell}, ranked #{rank} by {metric}"
-                + f" ({getattr(entry, metric):.4f})"
-            )
-        return StartingHead(spec, model, predict, fallback, entry.val_accuracy)
-    raise FinetuneError(
-        "no head in models/best.json can be expressed in Keras: "
-        + "; ".join(skipped)
-        + ". Add logreg, linear_svm or dense to train.heads."
-    )
-
-
-# ---------------------------------------------------------------- the model
-
-
-@dataclass
-class Assembly:
-    model: object  # uint8 images -> class probabilities
-    probe: object  # uint8 images -> (reduced features, probabilities)
-    trunk: object  # the backbone up to the head's layer
-    unfreeze: str
-    trainable_layers: list[str] = field(default_factory=list)
-    note: str | None = None
-
-
-def augmentation():
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=SEED, dtype="float32"),
-            keras.layers.RandomRotation(0.05, seed=SEED, dtype="float32"),
-            keras.layers.RandomZoom(0.1, seed=SEED, dtype="float32"),
-        ],
-        name="augment",
-    )
-
-
-def assemble(
-    backbone, backbone_name: str, layer: str, reduction: str, head, unfreeze: str, augment: bool
-) -> Assembly:
-    """Images -> preprocess -> [augment] -> backbone up to `layer` -> reduction -> head.
-
-    Layers of the backbone from `unfreeze` upward are trainable, except BatchNormalization
-    (kept non-trainable, hence in inference mode); layers below it are frozen, and their
-    Dropout (EfficientNet has some) is switched off so that they compute what extract did.
-    """
-    import keras
-
-    from pipeline.layers import Preprocess, Reduce
-
-    names = [lyr.name for lyr in backbone.layers]
-    if layer not in names:
-        raise FinetuneError(
-            f"the head's layer {layer!r} is not a layer of {backbone_name}: run `dvc repro`"
-        )
-    trunk = keras.Model(
-        backbone.inputs, backbone.get_layer(layer).output, name=f"{backbone_name}_to_{layer}"
-    )
-    trunk_names = [lyr.name for lyr in trunk.layers]
-    if unfreeze not in names:
-        raise FinetuneError(
-            f"finetune.unfreeze: unknown layer {unfreeze!r} for {backbone_name}; valid layers, "
-            f"bottom to top up to the head's layer {layer}: {', '.join(trunk_names[1:])}"
-        )
-    note = None
-    start = trunk_names.index(unfreeze) if unfreeze in trunk_names else len(trunk_names)
-    if unfreeze not in trunk_names:
-        note = (
-            f"finetune.unfreeze={unfreeze} lies above the head's layer {layer}: nothing in the "
-            f"backbone is trainable, only the head trains. Choose a layer at or below {layer} "
-            f"(e.g. one of {', '.join(trunk_names[-6:])})."
-        )
-    trunk.trainable = True
-    for i, lyr in enumerate(trunk.layers):
-        lyr.trainable = i >= start and not isinstance(lyr, keras.layers.BatchNormalization)
-        if i < start and isinstance(lyr, keras.layers.Dropout):
-            lyr.rate = 0.0  # Dropout is the identity at inference, so this changes no prediction
-    images = keras.Input(backbone.inputs[0].shape[1:], dtype="uint8", name="images")
-    x = Preprocess(backbone_name)(images)
-    if augment:
-        x = augmentation()(x)
-    # training=False states the intent; BN layers being non-trainable is what enforces it.
-    reduced = Reduce(reduction, name=f"{layer}_{reduction}")(trunk(x, training=False))
-    probs = head(reduced)
-    if keras.backend.standardize_dtype(probs.dtype) != "float32":
-        probs = keras.layers.Activation("linear", dtype="float32", name="probs_float32")(probs)
-    model = keras.Model(images, probs, name="finetuned")
-    probe = keras.Model(images, [reduced, probs], name="finetuned_probe")
-    trainable = [lyr.name for lyr in trunk.layers if lyr.trainable and lyr.trainable_weights]
-    return Assembly(model, probe, trunk, unfreeze, trainable, note)
 
 
 # ---------------------------------------------------------------- training

@@ -173,7 +173,7 @@ def dense_head(world, epochs: int = 2):
 
 
 def assemble_from(world, head_model, backbone=None, unfreeze=UNFREEZE, augment=False):
-    from pipeline.finetuning import assemble
+    from pipeline.assembly import assemble
 
     return assemble(
         backbone or world["backbone"], BACKBONE, LAYER, REDUCTION, head_model, unfreeze, augment
@@ -189,7 +189,7 @@ def test_linear_head_becomes_dense_with_identical_predictions(world, name):
     predictions on the validation images equal the frozen pipeline's."""
     import keras
 
-    from pipeline.finetuning import linear_head, linear_head_weights
+    from pipeline.conversion import linear_head, linear_head_weights
 
     pipe = fit_sklearn(world, scaled(LINEAR[name]()))
     feats = world["features"]["val"]
@@ -207,7 +207,7 @@ def test_linear_head_becomes_dense_with_identical_predictions(world, name):
 
 
 def test_binary_and_pca_pipelines_fold_exactly():
-    from pipeline.finetuning import linear_head, linear_head_weights
+    from pipeline.conversion import linear_head, linear_head_weights
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 12)) * rng.uniform(0.01, 50, 12) + rng.normal(size=12) * 10
@@ -234,7 +234,7 @@ def test_binary_and_pca_pipelines_fold_exactly():
 
 
 def test_keras_head_loads_its_trained_weights(world, tmp_path):
-    from pipeline.finetuning import HeadSpec, head_to_keras
+    from pipeline.conversion import HeadSpec, head_to_keras
     from pipeline.heads import read_head
 
     trained = dense_head(world)
@@ -252,7 +252,7 @@ def test_keras_head_loads_its_trained_weights(world, tmp_path):
 
 
 def test_fallback_to_the_best_expressible_head(world, tmp_path):
-    from pipeline.finetuning import choose_head
+    from pipeline.conversion import choose_head
 
     cells = [
         save_head(world, tmp_path, "knn", fit_sklearn(world, scaled(KNeighborsClassifier(3)))),
@@ -283,7 +283,8 @@ def test_training_changes_only_unfrozen_layers_and_keeps_bn_statistics(world):
     import keras
 
     from pipeline.backbones import load_backbone
-    from pipeline.finetuning import image_batches, linear_head, linear_head_weights
+    from pipeline.conversion import linear_head, linear_head_weights
+    from pipeline.finetuning import image_batches
 
     backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
     pretrained = {
@@ -317,7 +318,7 @@ def test_training_changes_only_unfrozen_layers_and_keeps_bn_statistics(world):
 
 
 def test_unknown_unfreeze_layer_lists_valid_ones(world):
-    from pipeline.finetuning import FinetuneError
+    from pipeline.conversion import FinetuneError
 
     with pytest.raises(FinetuneError, match=r"unknown layer 'block_99_expand'.*block_4_expand"):
         assemble_from(world, dense_head(world, epochs=1), unfreeze="block_99_expand")
@@ -333,7 +334,7 @@ def test_mixed_precision_keeps_the_head_and_output_float32(world):
     import keras
 
     from pipeline.backbones import load_backbone
-    from pipeline.finetuning import linear_head, linear_head_weights
+    from pipeline.conversion import linear_head, linear_head_weights
 
     head_pipe = fit_sklearn(world, scaled(LogisticRegression()))
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")

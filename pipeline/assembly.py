@@ -1,0 +1,95 @@
+"""One Keras model for fine-tuning: uint8 images -> the backbone's preprocessing ->
+[augmentation] -> the backbone up to the head's layer -> the reduction extract applied -> the
+head.
+
+Backbone layers from `unfreeze` upward train, everything below stays frozen, and every
+BatchNormalization layer is made non-trainable, which in Keras 3 is what keeps it in inference
+mode: a `training=False` passed when calling the backbone inside a functional model is
+overridden by `fit`'s `training=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.conversion import FinetuneError
+
+SEED = 0
+
+
+@dataclass
+class Assembly:
+    model: object  # uint8 images -> class probabilities
+    probe: object  # uint8 images -> (reduced features, probabilities)
+    trunk: object  # the backbone up to the head's layer
+    unfreeze: str
+    trainable_layers: list[str] = field(default_factory=list)
+    note: str | None = None
+
+
+def augmentation():
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=SEED, dtype="float32"),
+            keras.layers.RandomRotation(0.05, seed=SEED, dtype="float32"),
+            keras.layers.RandomZoom(0.1, seed=SEED, dtype="float32"),
+        ],
+        name="augment",
+    )
+
+
+def assemble(
+    backbone, backbone_name: str, layer: str, reduction: str, head, unfreeze: str, augment: bool
+) -> Assembly:
+    """Images -> preprocess -> [augment] -> backbone up to `layer` -> reduction -> head.
+
+    Layers of the backbone from `unfreeze` upward are trainable, except BatchNormalization
+    (kept non-trainable, hence in inference mode); layers below it are frozen, and their
+    Dropout (EfficientNet has some) is switched off so that they compute what extract did.
+    """
+    import keras
+
+    from pipeline.layers import Preprocess, Reduce
+
+    names = [lyr.name for lyr in backbone.layers]
+    if layer not in names:
+        raise FinetuneError(
+            f"the head's layer {layer!r} is not a layer of {backbone_name}: run `dvc repro`"
+        )
+    trunk = keras.Model(
+        backbone.inputs, backbone.get_layer(layer).output, name=f"{backbone_name}_to_{layer}"
+    )
+    trunk_names = [lyr.name for lyr in trunk.layers]
+    if unfreeze not in names:
+        raise FinetuneError(
+            f"finetune.unfreeze: unknown layer {unfreeze!r} for {backbone_name}; valid layers, "
+            f"bottom to top up to the head's layer {layer}: {', '.join(trunk_names[1:])}"
+        )
+    note = None
+    start = trunk_names.index(unfreeze) if unfreeze in trunk_names else len(trunk_names)
+    if unfreeze not in trunk_names:
+        note = (
+            f"finetune.unfreeze={unfreeze} lies above the head's layer {layer}: nothing in the "
+            f"backbone is trainable, only the head trains. Choose a layer at or below {layer} "
+            f"(e.g. one of {', '.join(trunk_names[-6:])})."
+        )
+    trunk.trainable = True
+    for i, lyr in enumerate(trunk.layers):
+        lyr.trainable = i >= start and not isinstance(lyr, keras.layers.BatchNormalization)
+        if i < start and isinstance(lyr, keras.layers.Dropout):
+            lyr.rate = 0.0  # Dropout is the identity at inference, so this changes no prediction
+    images = keras.Input(backbone.inputs[0].shape[1:], dtype="uint8", name="images")
+    x = Preprocess(backbone_name)(images)
+    if augment:
+        x = augmentation()(x)
+    # training=False states the intent; BN layers being non-trainable is what enforces it.
+    reduced = Reduce(reduction, name=f"{layer}_{reduction}")(trunk(x, training=False))
+    probs = head(reduced)
+    if keras.backend.standardize_dtype(probs.dtype) != "float32":
+        probs = keras.layers.Activation("linear", dtype="float32", name="probs_float32")(probs)
+    model = keras.Model(images, probs, name="finetuned")
+    probe = keras.Model(images, [reduced, probs], name="finetuned_probe")
+    trainable = [lyr.name for lyr in trunk.layers if lyr.trainable and lyr.trainable_weights]
+    return Assembly(model, probe, trunk, unfreeze, trainable, note)
