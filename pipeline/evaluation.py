@@ -113,9 +113,8 @@ def evaluate(
     }
     info = read_head(directory, expect_head, model_sha256=best.ranking[0].model_sha256)
     model = load_head(directory, info)
-    max_memory_mb = train.max_memory_mb
     layer = info.layer
-    plan = Plan.for_matrix(len(test.labels), test.widths[layer], max_memory_mb)
+    plan = Plan.for_matrix(len(test.labels), test.widths[layer], train.max_memory_mb)
     predicted = predict(model, info.kind, test, layer, plan.block_rows)
     s = score(test.labels, predicted, len(test.class_names))
     result = {

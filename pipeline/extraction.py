@@ -99,11 +99,15 @@ def extract_split(
             pending.result()
         if check is not None and check.result() != images_sha256[1]:
             shutil.rmtree(scratch, ignore_errors=True)
-            raise FeatureStoreError(
-                f"{images_sha256[0]} does not match the sha256 in its meta.json: it changed "
-                "after prepare wrote it; run `dvc repro prepare --force`"
-            )
+            raise _changed_since_prepare(images_sha256[0])
     writer.assemble(out, n, labels, {**attrs, "fingerprint": fingerprint.model_dump(mode="json")})
+
+
+def _changed_since_prepare(path: Path) -> FeatureStoreError:
+    return FeatureStoreError(
+        f"{path} does not match the sha256 in its meta.json: it changed after prepare wrote "
+        "it; run `dvc repro prepare --force`"
+    )
 
 
 def _finished(path: Path, fingerprint: Fingerprint) -> bool:
@@ -145,10 +149,7 @@ def extract_all(
             images, labels = load_split(prepared_dir, split, prepared)
             labels_file = Path(prepared_dir) / f"{split}_labels.npy"
             if file_sha256(labels_file) != prepared.sha256[labels_file.name]:
-                raise FeatureStoreError(
-                    f"{labels_file} does not match the sha256 in its meta.json: it changed after "
-                    "prepare wrote it; run `dvc repro prepare --force`"
-                )
+                raise _changed_since_prepare(labels_file)
             extract_split(
                 model,
                 images,
