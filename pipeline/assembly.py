@@ -17,31 +17,47 @@ from pipeline.conversion import FinetuneError
 SEED = 0
 
 
+UNFREEZE_SHARE = 0.25  # unfreeze: null trains the top quarter of the trunk's layers with weights
+
+
 @dataclass
 class Assembly:
     model: object  # uint8 images -> class probabilities
     probe: object  # uint8 images -> (reduced features, probabilities)
     trunk: object  # the backbone up to the head's layer
-    unfreeze: str
-    trainable_layers: list[str] = field(default_factory=list)
+    unfreeze: str | None
+    trainable_layers: list[str] = field(default_factory=list)  # bottom to top
     note: str | None = None
 
+    def train_backbone(self, on: bool) -> None:
+        """Make the unfrozen backbone layers trainable (on) or freeze the whole trunk (off:
+        only the head trains). Recompile the model after a change."""
+        self.trunk.trainable = on
+        for layer in self.trunk.layers:
+            layer.trainable = on and layer.name in self.trainable_layers
 
-def augmentation():
+
+def default_unfreeze(trunk) -> str:
+    """The lowest of the top UNFREEZE_SHARE of the trunk's layers with weights (BatchNormalization
+    aside): block5_conv1 for VGG16 up to block5_pool."""
     import keras
 
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=SEED, dtype="float32"),
-            keras.layers.RandomRotation(0.05, seed=SEED, dtype="float32"),
-            keras.layers.RandomZoom(0.1, seed=SEED, dtype="float32"),
-        ],
-        name="augment",
-    )
+    weighted = [
+        lyr.name
+        for lyr in trunk.layers
+        if lyr.weights and not isinstance(lyr, keras.layers.BatchNormalization)
+    ]
+    return weighted[-max(1, round(len(weighted) * UNFREEZE_SHARE))]
 
 
 def assemble(
-    backbone, backbone_name: str, layer: str, reduction: str, head, unfreeze: str, augment: bool
+    backbone,
+    backbone_name: str,
+    layer: str,
+    reduction: str,
+    head,
+    unfreeze: str | None,
+    augment: bool,
 ) -> Assembly:
     """Images -> preprocess -> [augment] -> backbone up to `layer` -> reduction -> head.
 
@@ -51,7 +67,8 @@ def assemble(
     """
     import keras
 
-    from pipeline.layers import Preprocess, Reduce
+    from pipeline.augment import RandomResizedCropFlip
+    from pipeline.layers import reduced_features
 
     names = [lyr.name for lyr in backbone.layers]
     if layer not in names:
@@ -62,6 +79,7 @@ def assemble(
         backbone.inputs, backbone.get_layer(layer).output, name=f"{backbone_name}_to_{layer}"
     )
     trunk_names = [lyr.name for lyr in trunk.layers]
+    unfreeze = unfreeze or default_unfreeze(trunk)
     if unfreeze not in names:
         raise FinetuneError(
             f"finetune.unfreeze: unknown layer {unfreeze!r} for {backbone_name}; valid layers, "
@@ -80,12 +98,8 @@ def assemble(
         lyr.trainable = i >= start and not isinstance(lyr, keras.layers.BatchNormalization)
         if i < start and isinstance(lyr, keras.layers.Dropout):
             lyr.rate = 0.0  # Dropout is the identity at inference, so this changes no prediction
-    images = keras.Input(backbone.inputs[0].shape[1:], dtype="uint8", name="images")
-    x = Preprocess(backbone_name)(images)
-    if augment:
-        x = augmentation()(x)
-    # training=False states the intent; BN layers being non-trainable is what enforces it.
-    reduced = Reduce(reduction, name=f"{layer}_{reduction}")(trunk(x, training=False))
+    augment = RandomResizedCropFlip(seed=SEED, name="augment") if augment else None
+    images, (reduced,) = reduced_features(backbone_name, trunk, {layer: reduction}, augment)
     probs = head(reduced)
     if keras.backend.standardize_dtype(probs.dtype) != "float32":
         probs = keras.layers.Activation("linear", dtype="float32", name="probs_float32")(probs)

@@ -21,7 +21,6 @@ class Backbone:
     constructor: str
     min_size: int  # smallest input side the model accepts without its top
     top_size: int  # the fixed input side the classification top (fc1, fc2, predictions) needs
-    unfreeze_from: str  # default first trainable layer for fine-tuning: the last block
     weights_prefix: str  # how Keras's ImageNet weights files for this model begin
 
     def _module(self):
@@ -46,35 +45,27 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vgg16", "vgg16", "VGG16", 32, 224, "block5_conv1", "vgg16_weights"),
-        Backbone("vgg19", "vgg19", "VGG19", 32, 224, "block5_conv1", "vgg19_weights"),
-        Backbone(
-            "resnet50", "resnet50", "ResNet50", 32, 224, "conv5_block1_1_conv", "resnet50_weights"
-        ),
+        Backbone("vgg16", "vgg16", "VGG16", 32, 224, "vgg16_weights"),
+        Backbone("vgg19", "vgg19", "VGG19", 32, 224, "vgg19_weights"),
+        Backbone("resnet50", "resnet50", "ResNet50", 32, 224, "resnet50_weights"),
         Backbone(
             "mobilenet_v2",
             "mobilenet_v2",
             "MobileNetV2",
             32,
             224,
-            "block_16_expand",
             "mobilenet_v2_weights",
         ),
-        Backbone(
-            "xception", "xception", "Xception", 71, 299, "block14_sepconv1", "xception_weights"
-        ),
+        Backbone("xception", "xception", "Xception", 71, 299, "xception_weights"),
         Backbone(
             "efficientnet_b0",
             "efficientnet",
             "EfficientNetB0",
             32,
             224,
-            "block7a_expand_conv",
             "efficientnetb0",
         ),
-        Backbone(
-            "inception_v3", "inception_v3", "InceptionV3", 75, 299, "mixed8", "inception_v3_weights"
-        ),
+        Backbone("inception_v3", "inception_v3", "InceptionV3", 75, 299, "inception_v3_weights"),
     )
 }
 BACKBONE_NAMES = tuple(BACKBONES)

@@ -142,11 +142,29 @@ class DenseConfig(_Section):
     batch_size: int = Field(64, ge=1)
 
 
+class CvConfig(_Section):
+    """Choose layer and head by stratified k-fold cross-validation over train+val."""
+
+    folds: int = Field(5, ge=0)  # 0: never (rank on the val split alone)
+    when_val_under: int = Field(500, ge=0)  # applies when the val split has fewer images
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError(
+                "must be 0 (never: rank on the val split alone) or at least 2; "
+                "fix it in params.yaml and run `dvc repro`"
+            )
+        return v
+
+
 class TrainConfig(_Section):
     layers: list[str] = ["block2_pool", "block5_pool", "fc2"]
     heads: list[Literal["logreg", "linear_svm", "knn", "random_forest", "dense"]] = list(HEADS)
     seed: int = 0
     max_memory_mb: int = Field(2048, ge=1)
+    cv: CvConfig = CvConfig()
     logreg: LogregConfig = LogregConfig()
     linear_svm: LinearSvmConfig = LinearSvmConfig()
     knn: KnnConfig = KnnConfig()
@@ -175,9 +193,14 @@ class SelectConfig(_Section):
 class FinetuneConfig(_Section):
     enabled: bool = False
     unfreeze: str | None = None
-    learning_rate: float = Field(1e-5, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    learning_rate: float = Field(1e-4, gt=0)
+    layer_decay: float = Field(0.3, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    head_epochs: int = Field(2, ge=0)
+    warmup_epochs: float = Field(1, ge=0)
     epochs: int = Field(10, ge=1)
-    patience: int = Field(3, ge=1)
+    patience: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
     augment: bool = False
     # auto: mixed_bfloat16 on a GPU with bf16 support, float32 elsewhere

@@ -12,11 +12,12 @@ Keras and scikit-learn are imported lazily.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import TrainConfig
 from pipeline.records import BestChoice, HeadRecord
 
 MISSING_CLASS_BIAS = -1.0e4  # a class the head never saw: never predicted
@@ -119,15 +120,21 @@ def linear_head(kernel: np.ndarray, bias: np.ndarray, name: str = "head"):
     return keras.Model(features, probs, name=name)
 
 
-def head_to_keras(spec: HeadSpec, n_classes: int):
-    """(Keras model features -> probabilities initialised from the head, frozen predict fn)."""
-    from pipeline.heads import load_head
-
-    model = load_head(spec.directory, spec.record)  # only after its digest is checked
-    if spec.kind == "keras":  # its own predictions are taken before training
+def to_keras(model, kind: str, n_classes: int, name: str):
+    """(Keras model features -> probabilities initialised from a trained head, the head's own
+    predict function on features)."""
+    if kind == "keras":  # its own predictions are taken before training
         return model, lambda x: np.argmax(model.predict(x, verbose=0), axis=1)
     kernel, bias = linear_head_weights(model, n_classes)
-    return linear_head(kernel, bias, name=f"head_{spec.record.head}"), model.predict
+    return linear_head(kernel, bias, name=name), model.predict
+
+
+def head_to_keras(spec: HeadSpec, n_classes: int):
+    """to_keras of a saved head, deserialised only after its digest is checked."""
+    from pipeline.heads import load_head
+
+    model = load_head(spec.directory, spec.record)
+    return to_keras(model, spec.kind, n_classes, f"head_{spec.record.head}")
 
 
 @dataclass
@@ -143,11 +150,14 @@ def choose_head(best: BestChoice, heads_dir: Path, n_classes: int) -> StartingHe
     """The best head, or the best one of the ranking that Keras can express (with the reason).
 
     Each model is deserialised only if it has the digest best.json recorded."""
-    from pipeline.heads import read_head
+    from pipeline.heads import KERAS_EXPRESSIBLE, read_head
 
     metric = best.metric
     skipped = []
     for rank, entry in enumerate(best.ranking, start=1):
+        if entry.head not in KERAS_EXPRESSIBLE:
+            skipped.append(f"{entry.cell} ({entry.head} is not a map Keras layers can hold)")
+            continue
         directory = Path(heads_dir) / entry.cell
         spec = HeadSpec(
             entry.cell, directory, read_head(directory, model_sha256=entry.model_sha256)
@@ -171,3 +181,23 @@ def choose_head(best: BestChoice, heads_dir: Path, n_classes: int) -> StartingHe
         + "; ".join(skipped)
         + ". Add logreg, linear_svm or dense to train.heads."
     )
+
+
+def refit_on_train(start: StartingHead, cfg: TrainConfig, features: Path, expect: dict):
+    """The starting head fitted again, on the train split alone (same head, params and
+    features): a head refit on train+val after cross-validation has seen the val split, which
+    fine-tuning holds out to stop early and to compare against."""
+    import tempfile
+
+    from pipeline.store import open_splits
+    from pipeline.training import fit_on_train
+
+    spec = start.spec
+    splits = open_splits(features, expect)
+    with tempfile.TemporaryDirectory() as log_dir:
+        fit = fit_on_train(
+            spec.record.head, cfg, splits["train"], splits["val"], spec.layer, Path(log_dir)
+        )
+    n_classes = len(spec.record.class_names)
+    model, predict = to_keras(fit.model, spec.kind, n_classes, f"head_{spec.record.head}")
+    return replace(start, model=model, frozen_predict=predict)

@@ -31,7 +31,8 @@ def write_confusion(
 def layer_chart(
     path: Path, ranking: list[dict], layers: list[str], title: str, chance: float
 ) -> None:
-    """Grouped bars: validation accuracy per layer (groups, in network order) and head (bars)."""
+    """Grouped bars: the selection estimate of accuracy per layer (groups, in network order)
+    and head (bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +71,7 @@ def layer_chart(
     top = {la: max(v for (lb, _), v in acc.items() if lb == la) for la in layers}
     ax.set_xticks(range(len(layers)), [f"{la}\nbest {top[la]:.3f}" for la in layers])
     ax.set_ylim(0, 1.08)
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel("selection estimate of accuracy")
     ax.set_title(title, fontsize=10)
     ax.legend(
         fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="head", title_fontsize=8
@@ -80,6 +81,10 @@ def layer_chart(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _method(best: BestChoice) -> str:
+    return f"{best.cv_folds}-fold CV over train+val" if best.selection == "cv" else "val split"
 
 
 def evaluate(
@@ -124,6 +129,8 @@ def evaluate(
             "test_accuracy_ci95": list(s.accuracy_ci95),
             "test_macro_f1": s.macro_f1,
             "val_accuracy": best.ranking[0].val_accuracy,
+            "selection": best.selection,
+            "cv_folds": best.cv_folds,
             "n_test": s.n,
         }
     }
@@ -142,8 +149,8 @@ def evaluate(
         Path(plots) / "layers.png",
         ranking,
         list(fp.layers),
-        f"Validation accuracy by layer and head: {fp.backbone['name']} ({fp.weights_used} weights); "
-        "\u2605 selected",
+        f"Accuracy by layer and head ({_method(best)}): {fp.backbone['name']} "
+        f"({fp.weights_used} weights); \u2605 selected",
         1.0 / len(test.class_names),
     )
     return result

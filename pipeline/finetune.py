@@ -26,9 +26,9 @@ def main() -> None:
     except (RecordError, FinetuneError) as exc:
         raise SystemExit(f"finetune: {exc}") from None
     print(
-        f"started from {r['started_from']}, unfrozen from {r['unfreeze']}: val accuracy "
-        f"{r['frozen_val_accuracy']:.4f} -> {r['val_accuracy']:.4f}, test accuracy "
-        f"{r['frozen_test_accuracy']:.4f} -> {r['test_accuracy']:.4f}"
+        f"started from {r['started_from']}, unfrozen from {r['unfreeze']}, kept {r['kept']}: "
+        f"val accuracy {r['start_val_accuracy']:.4f} -> {r['val_accuracy']:.4f}, test accuracy "
+        f"{r['start_test_accuracy']:.4f} -> {r['test_accuracy']:.4f}"
     )
 
 

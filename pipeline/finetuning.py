@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from pipeline import paths as layout
 from pipeline.assembly import SEED, Assembly, assemble
 from pipeline.config import FinetuneConfig, Params
-from pipeline.conversion import FinetuneError, choose_head
+from pipeline.conversion import FinetuneError, choose_head, refit_on_train
 from pipeline.precision import use_precision
 from pipeline.records import BestChoice
 
@@ -28,7 +27,7 @@ MODEL_FILE = "model.keras"
 STATUS_FILE = "status.json"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy")
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class Paths:
 
     scan: Path = layout.SCAN
     prepared: Path = layout.PREPARED
+    features: Path = layout.FEATURES
     best: Path = layout.BEST
     heads: Path = layout.HEADS
     out: Path = Path("models/finetuned")
@@ -57,7 +57,10 @@ def write_history(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow(
-                {k: (row[k] if k == "epoch" else f"{row[k]:.6g}") for k in HISTORY_FIELDS}
+                {
+                    k: (row[k] if k in ("epoch", "phase") else f"{row[k]:.6g}")
+                    for k in HISTORY_FIELDS
+                }
             )
 
 
@@ -82,33 +85,22 @@ def write_disabled(paths: Paths) -> dict:
 def image_batches(
     images: np.ndarray, labels: np.ndarray | None, batch_size: int, shuffle: bool = False
 ):
-    """A keras.utils.PyDataset over memory-mapped uint8 images: only one batch in memory."""
-    import keras
+    """Batches of memory-mapped uint8 images (only one batch in memory), reshuffled every epoch
+    when `shuffle`; rows within a batch are read in file order."""
+    from pipeline.batches import row_batches
 
-    class ImageBatches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__()
-            self.rng = np.random.default_rng(SEED)
-            self.order = self.rng.permutation(len(images)) if shuffle else np.arange(len(images))
+    rng = np.random.default_rng(SEED)
 
-        def __len__(self):
-            return math.ceil(len(images) / batch_size)
+    def blocks():
+        order = rng.permutation(len(images)) if shuffle else np.arange(len(images))
+        return [np.sort(order[i : i + batch_size]) for i in range(0, len(images), batch_size)]
 
-        def __getitem__(self, i):
-            idx = np.sort(self.order[i * batch_size : (i + 1) * batch_size])  # sorted: memmap reads
-            x = np.asarray(images[idx])
-            return x if labels is None else (x, labels[idx])
-
-        def on_epoch_end(self):
-            if shuffle:
-                self.order = self.rng.permutation(len(images))
-
-    return ImageBatches()
+    return row_batches(lambda rows: np.asarray(images[rows]), labels, batch_size, blocks)
 
 
 def _keep_best(initial: dict, patience: int, n_val: int):
     """Early stopping on val_accuracy (ties broken by val_loss) whose first candidate is the
-    state before training; the best weights are restored at the end.
+    state before training; the best weights are restored at the end of every phase.
 
     Accuracies are compared as counts of correct images: Keras logs them in float32
     (44/49 = 0.8979591727) and the initial one is float64 (0.8979591837), so comparing the
@@ -125,23 +117,65 @@ def _keep_best(initial: dict, patience: int, n_val: int):
             self.best_epoch, self.wait, self.weights = 0, 0, None
 
         def on_train_begin(self, logs=None):
-            self.weights = [v.numpy() for v in self.model.trainable_variables]
+            self.wait = 0
+            if self.weights is None:
+                self.weights = self.model.get_weights()
 
         def on_epoch_end(self, epoch, logs=None):
             score = (correct(logs["val_accuracy"]), -logs["val_loss"])
             if score > self.best:
                 self.best, self.best_epoch, self.wait = score, epoch + 1, 0
-                self.weights = [v.numpy() for v in self.model.trainable_variables]
+                self.weights = self.model.get_weights()
             else:
                 self.wait += 1
                 if self.wait >= patience:
                     self.model.stop_training = True
 
         def on_train_end(self, logs=None):
-            for variable, value in zip(self.model.trainable_variables, self.weights):
-                variable.assign(value)
+            self.model.set_weights(self.weights)
 
     return KeepBest()
+
+
+def layer_rates(assembly: Assembly, decay: float) -> dict[str, float]:
+    """Learning-rate multiplier per trainable backbone variable: 1 at the top layer, `decay` at
+    the lowest unfrozen one, geometric in between (the head gets 1)."""
+    layers = assembly.trainable_layers
+    rates = {}
+    for i, name in enumerate(layers):
+        share = decay ** ((len(layers) - 1 - i) / max(1, len(layers) - 1))
+        for variable in assembly.trunk.get_layer(name).trainable_weights:
+            rates[variable.path] = share
+    return rates
+
+
+def optimizer(cfg: FinetuneConfig, per_epoch: int, epochs: int, rates: dict[str, float]):
+    """AdamW or SGD with momentum: linear warm-up over cfg.warmup_epochs, cosine decay to zero,
+    each variable's rate scaled by `rates` (layer-wise rates)."""
+    import keras
+
+    steps = per_epoch * epochs
+    warmup = min(steps - 1, round(cfg.warmup_epochs * per_epoch))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        cfg.learning_rate / 100 if warmup else cfg.learning_rate,
+        decay_steps=max(1, steps - warmup),
+        warmup_target=cfg.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+    base = {"adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}[cfg.optimizer]
+    extra = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
+
+    class LayerwiseRates(base):
+        def build(self, variables):
+            super().build(variables)
+            self.shares = [rates.get(v.path, 1.0) for v in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            # the backend may pass its own variable type: look it up by index, not by path
+            share = self.shares[self._get_variable_index(variable)]
+            super().update_step(gradient, variable, learning_rate * share)
+
+    return LayerwiseRates(learning_rate=schedule, weight_decay=cfg.weight_decay, **extra)
 
 
 def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -161,28 +195,46 @@ def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
 def fit(
     assembly: Assembly, data: dict, cfg: FinetuneConfig, initial: dict
 ) -> tuple[list[dict], int]:
-    """Train with early stopping whose first candidate is `initial`; return (history, best epoch)."""
+    """LP-FT: the head alone for cfg.head_epochs, then the unfrozen backbone layers with it for
+    cfg.epochs, each phase with its own warm-up and cosine schedule; early stopping whose first
+    candidate is `initial`. Returns (history rows, best epoch; 0 is the state before training)."""
     import keras
 
     keras.utils.set_random_seed(SEED)
-    assembly.model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
     keep = _keep_best(initial, cfg.patience, len(data["val"][1]))
-    result = assembly.model.fit(
-        image_batches(*data["train"], cfg.batch_size, shuffle=True),
-        validation_data=image_batches(*data["val"], cfg.batch_size),
-        epochs=cfg.epochs,
-        callbacks=[keep],
-        verbose="auto",
-    )
-    epochs = len(result.history.get("loss", []))
-    rows = [
-        {"epoch": e + 1, **{k: result.history[k][e] for k in HISTORY_FIELDS[1:]}}
-        for e in range(epochs)
-    ]
+    train = image_batches(*data["train"], cfg.batch_size, shuffle=True)
+    val = image_batches(*data["val"], cfg.batch_size)
+    rows, epoch = [], 0
+    phases = [(False, cfg.head_epochs), (bool(assembly.trainable_layers), cfg.epochs)]
+    for backbone, epochs in phases:
+        if not epochs:
+            continue
+        assembly.train_backbone(backbone)
+        rates = layer_rates(assembly, cfg.layer_decay) if backbone else {}
+        assembly.model.compile(
+            optimizer=optimizer(cfg, len(train), epochs, rates),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        result = assembly.model.fit(
+            train,
+            validation_data=val,
+            initial_epoch=epoch,
+            epochs=epoch + epochs,
+            callbacks=[keep],
+            verbose="auto",
+        )
+        history = result.history
+        ran = len(history.get("loss", []))
+        rows += [
+            {
+                "epoch": epoch + e + 1,
+                "phase": "backbone" if backbone else "head",
+                **{k: history[k][e] for k in HISTORY_FIELDS[2:]},
+            }
+            for e in range(ran)
+        ]
+        epoch += ran
     return rows, keep.best_epoch
 
 
@@ -216,7 +268,7 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
     Prepared data and every head read must be what the current params and code give."""
     import keras
 
-    from pipeline.backbones import get_backbone, load_backbone
+    from pipeline.backbones import load_backbone
     from pipeline.data import load_split
     from pipeline.provenance import (
         code_digest,
@@ -235,15 +287,17 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
     where = str(spec.directory / "head.json")
     expect = {"params": head_params(params.train, spec.record.head), "code": code_digest("train")}
     require(where, spec.record.model_dump(), expect, "dvc repro train")
-    require(
-        where,
-        spec.record.features.model_dump(),
-        expected_features(params, prepared, paths.scan),
-        "dvc repro",
-    )
+    features = expected_features(params, prepared, paths.scan)
+    require(where, spec.record.features.model_dump(), features, "dvc repro")
     if start.fallback:
         print(f"NOTE: {start.fallback}")
-    unfreeze = cfg.unfreeze or get_backbone(backbone.name).unfreeze_from
+    saved = start
+    if spec.record.fit_on == "train+val":
+        print(
+            f"NOTE: {spec.cell} was refit on train+val after cross-validation; fine-tuning starts "
+            "from the same head fitted on train alone and holds val out to stop early"
+        )
+        start = refit_on_train(start, params.train, paths.features, features)
     model, weights_used = load_backbone(
         backbone.name, backbone.weights, prepared.image_size, [spec.layer]
     )
@@ -253,12 +307,18 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
             f"features of {spec.record.features.weights_used}: run `dvc repro`"
         )
     assembly = assemble(
-        model, backbone.name, spec.layer, spec.record.reduction, start.model, unfreeze, cfg.augment
+        model,
+        backbone.name,
+        spec.layer,
+        spec.record.reduction,
+        start.model,
+        cfg.unfreeze,
+        cfg.augment,
     )
     if assembly.note:
         print(f"NOTE: {assembly.note}")
     print(
-        f"fine-tuning {backbone.name} ({weights_used} weights) from {unfreeze} up to {spec.layer} "
+        f"fine-tuning {backbone.name} ({weights_used} weights) from {assembly.unfreeze} up to {spec.layer} "
         f"+ head {spec.cell}; precision {precision}; trainable backbone layers: "
         f"{len(assembly.trainable_layers)}"
     )
@@ -282,10 +342,13 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
     t0 = time.perf_counter()
     rows, best_epoch = fit(assembly, data, cfg, initial)
     fit_seconds = time.perf_counter() - t0
+    if best_epoch == 0 and saved is not start:  # no epoch beat the start: keep the saved head
+        start.model.set_weights(saved.model.get_weights())
     rows.insert(
         0,
         {
             "epoch": 0,
+            "phase": "start",
             **{k: before["train"][k] for k in ("loss", "accuracy")},
             "val_loss": initial["val_loss"],
             "val_accuracy": initial["val_accuracy"],
@@ -321,11 +384,12 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
         "fit_seconds": round(fit_seconds, 3),
         "started_from": spec.cell,
         "fallback": start.fallback,
-        "frozen_val_accuracy": before["val"]["accuracy"],
-        "frozen_test_accuracy": before["test"]["accuracy"],
+        "start_val_accuracy": before["val"]["accuracy"],
+        "start_test_accuracy": before["test"]["accuracy"],
+        "kept": "the starting head" if best_epoch == 0 else f"epoch {best_epoch}",
         "ranked_val_accuracy": start.ranked_val_accuracy,
         "conversion_agreement": agreement,
-        "unfreeze": unfreeze,
+        "unfreeze": assembly.unfreeze,
         "trainable_backbone_layers": len(assembly.trainable_layers),
         "note": assembly.note,
         "epochs_run": len(rows) - 1,

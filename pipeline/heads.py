@@ -40,6 +40,8 @@ STREAM_COMPONENTS = 256
 MIN_BLOCK_ROWS = 64
 # Peak memory of the memory path over the float32 matrix size (measured on 3000 x 25088:
 # ~3.3x; LinearSVC ~8x, liblinear copies the data into its own float64 format).
+# Heads that are Keras layers or an affine map of the features: fine-tuning can start from them.
+KERAS_EXPRESSIBLE = ("logreg", "linear_svm", "dense")
 MEMORY_FACTOR = {"logreg": 4, "linear_svm": 9, "knn": 4, "random_forest": 4, "dense": 4}
 # A streamed block lives in ~5 copies at once (float16, float32, reordered, scaled); 8 leaves room.
 BLOCK_COPIES = 8
@@ -64,6 +66,14 @@ class Plan:
         budget = max_memory_mb * 2**20
         path = "memory" if rows * width * 4 * factor <= budget else "stream"
         return cls(path, max(MIN_BLOCK_ROWS, budget // (4 * width * BLOCK_COPIES)))
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted head; `epochs`: the dense head's best (or only) epoch count, else None."""
+
+    model: object
+    epochs: int | None = None
 
 
 def sequential(
@@ -225,49 +235,32 @@ def build_dense(
 
 
 def _batches(ff: FeatureFile, layer: str, plan: Plan, batch_size: int, seed: int | None):
-    """A keras.utils.PyDataset of (x, y) batches read from HDF5; shuffled per epoch if seeded."""
-    import keras
+    """(x, y) batches read from HDF5 a block at a time; shuffled per epoch if seeded."""
+    from pipeline.batches import row_batches
 
-    class Batches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.rng = None if seed is None else np.random.default_rng(seed)
-            self.on_epoch_end()
+    rng = None if seed is None else np.random.default_rng(seed)
+    n = len(ff.labels)
 
-        def on_epoch_end(self):
-            n = len(ff.labels)
-            if self.rng is None:
-                self.blocks = [
-                    np.arange(s, min(s + plan.block_rows, n)) for s in range(0, n, plan.block_rows)
-                ]
-            else:
-                self.blocks = shuffled_blocks(n, plan.block_rows, self.rng, multiple=batch_size)
-            self.index = [
-                (b, s)
-                for b, rows in enumerate(self.blocks)
-                for s in range(0, len(rows), batch_size)
-            ]
-            self.cached = (None, None)
+    def blocks():
+        if rng is None:
+            return [np.arange(s, min(s + plan.block_rows, n)) for s in range(0, n, plan.block_rows)]
+        return shuffled_blocks(n, plan.block_rows, rng, multiple=batch_size)
 
-        def __len__(self):
-            return math.ceil(len(ff.labels) / batch_size)
-
-        def __getitem__(self, i):
-            b, start = self.index[i]
-            if self.cached[0] != b:
-                self.cached = (b, read_rows(ff, layer, self.blocks[b]))
-            rows = self.blocks[b][start : start + batch_size]
-            return self.cached[1][start : start + batch_size], ff.labels[rows]
-
-    return Batches()
+    return row_batches(lambda rows: read_rows(ff, layer, rows), ff.labels, batch_size, blocks)
 
 
 def fit_dense(
-    cfg: TrainConfig, train: FeatureFile, val: FeatureFile, layer: str, plan: Plan, log_dir: Path
-):
-    """Train the dense head with early stopping on validation loss; curves logged by DVCLive."""
+    cfg: TrainConfig,
+    train: FeatureFile,
+    val: FeatureFile | None,
+    layer: str,
+    plan: Plan,
+    log_dir: Path | None,
+    epochs: int | None = None,
+) -> Fitted:
+    """Train the dense head with early stopping on `val` loss (best weights kept); without
+    `val`, for `epochs` epochs (default dense.epochs). Curves logged by DVCLive to `log_dir`."""
     import keras
-    from dvclive import Live
 
     keras.utils.set_random_seed(cfg.seed)
     d = cfg.dense
@@ -279,34 +272,37 @@ def fit_dense(
         mean, variance = scaler.mean_, scaler.var_
     model = build_dense(train.widths[layer], len(train.class_names), d, mean, variance)
     if plan.path == "memory":
-        data = {
-            "x": x,
-            "y": train.labels,
-            "batch_size": d.batch_size,
-            "validation_data": (val.read(layer), val.labels),
-        }
+        data = {"x": x, "y": train.labels, "batch_size": d.batch_size}
+        if val is not None:
+            data["validation_data"] = (val.read(layer), val.labels)
     else:
-        data = {
-            "x": _batches(train, layer, plan, d.batch_size, cfg.seed),
-            "shuffle": False,
-            "validation_data": _batches(val, layer, plan, d.batch_size, None),
-        }
-    live = Live(str(log_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+        data = {"x": _batches(train, layer, plan, d.batch_size, cfg.seed), "shuffle": False}
+        if val is not None:
+            data["validation_data"] = _batches(val, layer, plan, d.batch_size, None)
+    callbacks = [] if log_dir is None else [_live_logger(log_dir)]
+    if val is None:
+        history = model.fit(**data, epochs=epochs or d.epochs, callbacks=callbacks, verbose=0)
+        ran = len(history.history["loss"])
+        print(f"  dense: {ran} epoch(s), no early stopping")
+        return Fitted(model, ran)
     stop = keras.callbacks.EarlyStopping("val_loss", patience=d.patience, restore_best_weights=True)
-    history = model.fit(**data, epochs=d.epochs, callbacks=[stop, _live_logger(live)], verbose=0)
-    epochs = len(history.history["loss"])
+    history = model.fit(**data, epochs=d.epochs, callbacks=[stop, *callbacks], verbose=0)
+    ran = len(history.history["loss"])
     best = int(np.argmin(history.history["val_loss"])) + 1
     print(
-        f"  dense: {epochs} epoch(s), best val_loss at epoch {best}"
-        + (" (early stop)" if epochs < d.epochs else "")
+        f"  dense: {ran} epoch(s), best val_loss at epoch {best}"
+        + (" (early stop)" if ran < d.epochs else "")
     )
-    return model
+    return Fitted(model, best)
 
 
-def _live_logger(live):
-    """A backend-agnostic Keras callback writing each epoch's logs to a DVCLive `Live`
-    (dvclive.keras subclasses tf.keras, so it works on the TensorFlow backend only)."""
+def _live_logger(log_dir: Path):
+    """A backend-agnostic Keras callback writing each epoch's logs to a DVCLive `Live` in
+    `log_dir` (dvclive.keras subclasses tf.keras, so it works on the TensorFlow backend only)."""
     import keras
+    from dvclive import Live
+
+    live = Live(str(log_dir), save_dvc_exp=False, dvcyaml=None, report=None)
 
     class LiveLogger(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -328,14 +324,17 @@ def fit_head(
     head: str,
     cfg: TrainConfig,
     train: FeatureFile,
-    val: FeatureFile,
+    val: FeatureFile | None,
     layer: str,
     plan: Plan,
-    log_dir: Path,
-):
+    log_dir: Path | None,
+    epochs: int | None = None,
+) -> Fitted:
+    """Fit `head` on `train`; `val` (early stopping), `log_dir` and `epochs` concern the
+    dense head only (see fit_dense)."""
     if head == "dense":
-        return fit_dense(cfg, train, val, layer, plan, log_dir)
-    return fit_sklearn(head, cfg, train, layer, plan)
+        return fit_dense(cfg, train, val, layer, plan, log_dir, epochs)
+    return Fitted(fit_sklearn(head, cfg, train, layer, plan))
 
 
 def save_model(model, kind: str, directory: Path) -> str:

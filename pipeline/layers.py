@@ -91,10 +91,20 @@ def build_extractor(name: str, weights: str, size: int, layers: dict[str, str]):
                 f"{layer} is {tuple(shape)}; use none"
             )
     trunk = keras.Model(backbone.inputs, [backbone.get_layer(layer).output for layer in layers])
-    images = keras.Input((size, size, 3), dtype="uint8", name="images")
-    outputs = trunk(Preprocess(name)(images))
+    images, reduced = reduced_features(name, trunk, layers)
+    return keras.Model(images, reduced, name=f"{name}_extractor"), weights_used
+
+
+def reduced_features(name: str, trunk, layers: dict[str, str], augment=None):
+    """uint8 images -> the backbone's preprocessing -> [augment] -> `trunk` (inference mode)
+    -> each output reduced as `layers` says: (the images input, the reduced outputs)."""
+    images = keras.Input(trunk.inputs[0].shape[1:], dtype="uint8", name="images")
+    x = Preprocess(name)(images)
+    if augment is not None:
+        x = augment(x)
+    outputs = trunk(x, training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     reduced = [
         Reduce(mode, name=f"{layer}_{mode}")(o) for (layer, mode), o in zip(layers.items(), outputs)
     ]
-    return keras.Model(images, reduced, name=f"{name}_extractor"), weights_used
+    return images, reduced

@@ -1,4 +1,5 @@
-"""Leaderboard over the current train.layers x train.heads; the best head chosen on validation."""
+"""Leaderboard over the current train.layers x train.heads; the best head chosen by the
+selection estimate each cell recorded (cross-validation over train+val, or the val split)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import SelectConfig, TrainConfig
-from pipeline.heads import read_head, verify_model
+from pipeline.heads import KERAS_EXPRESSIBLE, read_head, verify_model
 from pipeline.provenance import code_digest, head_params
 from pipeline.records import BestChoice, CellMetrics, Fingerprint, RankedCell, RecordError
 
@@ -21,8 +22,13 @@ COLUMNS = [
     "fit_path",
     "feature_width",
     "n_train",
+    "selection",
+    "cv_folds",
+    "n_val",
     "val_accuracy",
     "val_accuracy_ci95",
+    "val_fold_std",
+    "val_fold_accuracies",
     "val_macro_f1",
     "test_accuracy",
     "test_accuracy_ci95",
@@ -31,8 +37,7 @@ COLUMNS = [
     "backbone",
     "weights",
 ]
-KERAS_EXPRESSIBLE = ("logreg", "linear_svm", "dense")  # heads fine-tuning can start from
-# Cells equal on both validation metrics are ranked by this rule, never by timing noise.
+# Cells equal on both selection metrics are ranked by this rule, never by timing noise.
 HEAD_PREFERENCE = (*KERAS_EXPRESSIBLE, "knn", "random_forest")
 TIE_RULE = (
     "ties go to the head fine-tuning can start from, simplest first "
@@ -92,7 +97,7 @@ def _other(metric: str) -> str:
 
 
 def rank(rows: list[dict], metric: str) -> list[dict]:
-    """Best first by the validation metric, then the other one, then by TIE_RULE."""
+    """Best first by the selection metric, then the other one, then by TIE_RULE."""
     return sorted(
         rows,
         key=lambda r: (
@@ -117,46 +122,76 @@ def tie_note(ranked: list[dict], metric: str) -> str | None:
     )
 
 
+def selection_note(ranked: list[dict]) -> str:
+    """Which selection the ranking used and why, once; per group of cells if they differ."""
+    groups: dict[str, list[str]] = {}
+    for r in ranked:
+        groups.setdefault(r["selection_note"], []).append(r["cell"])
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "mixed: " + "; ".join(f"{note} ({', '.join(cells)})" for note, cells in groups.items())
+
+
+def _estimate(r: dict) -> str:
+    return f"cv{r['cv_folds']}" if r["selection"] == "cv" else "val"
+
+
+def _spread(r: dict) -> str:
+    """Fold spread: std of the per-fold accuracies [min, max]; '-' without folds."""
+    folds = r["val_fold_accuracies"]
+    if not folds:
+        return "-"
+    return f"\u00b1{r['val_fold_std']:.3f} [{min(folds):.3f}, {max(folds):.3f}]"
+
+
+def _text(key: str):
+    return lambda r: str(r[key])
+
+
+def _number(key: str, digits: int = 4):
+    return lambda r: f"{r[key]:.{digits}f}"
+
+
+MARKDOWN = {  # column after `rank` -> how a row shows it
+    "cell": _text("cell"),
+    "fit_path": _text("fit_path"),
+    "feature_width": _text("feature_width"),
+    "estimate": _estimate,
+    "n_val": _text("n_val"),
+    "val_accuracy": _number("val_accuracy"),
+    "val_accuracy_ci95": lambda r: "[{:.3f}, {:.3f}]".format(*r["val_accuracy_ci95"]),
+    "fold_spread": _spread,
+    "val_macro_f1": _number("val_macro_f1"),
+    "test_accuracy": _number("test_accuracy"),
+    "test_macro_f1": _number("test_macro_f1"),
+    "fit_seconds": _number("fit_seconds", 2),
+}
+
+
 def markdown(ranked: list[dict], metric: str) -> str:
-    cols = [
-        "rank",
-        "cell",
-        "fit_path",
-        "feature_width",
-        "val_accuracy",
-        "val_accuracy_ci95",
-        "val_macro_f1",
-        "test_accuracy",
-        "test_macro_f1",
-        "fit_seconds",
-    ]
+    cols = ["rank", *MARKDOWN]
     lines = [
         f"# Leaderboard ({ranked[0]['backbone']}, weights {ranked[0]['weights']})",
         "",
         (
-            f"Best on validation ({metric}): **{ranked[0]['cell']}**. Test columns are shown "
-            "for reference and play no part in the choice."
+            f"Best by the selection estimate ({metric}): **{ranked[0]['cell']}**. Test columns "
+            "are shown for reference and play no part in the choice."
         ),
         *([f"Tie: {note}.", ""] if (note := tie_note(ranked, metric)) else []),
-        "Accuracy intervals are 95% Wilson intervals over the validation images.",
+        f"Selection: {selection_note(ranked)}.",
+        "",
+        (
+            "The val_* columns are that estimate (`estimate`: cvK, the out-of-fold predictions "
+            "of K-fold cross-validation over train+val; val, the val split), over `n_val` "
+            "images, with its 95% Wilson interval; `fold_spread` is the standard deviation "
+            "[min, max] of the per-fold accuracies."
+        ),
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---:" if c != "cell" else "---" for c in cols) + "|",
     ]
     for i, r in enumerate(ranked, 1):
-        cells = [
-            str(i)
-            if c == "rank"
-            else f"{r[c]:.2f}"
-            if c == "fit_seconds"
-            else f"{r[c]:.4f}"
-            if isinstance(r[c], float)
-            else f"[{r[c][0]:.3f}, {r[c][1]:.3f}]"
-            if c.endswith("_ci95")
-            else str(r[c])
-            for c in cols
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([str(i), *(show(r) for show in MARKDOWN.values())]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +205,8 @@ def select(
     best_file: Path = paths.BEST,
     summary: Path = Path("metrics/select.json"),
 ) -> BestChoice:
-    """Rank every cell on validation; write the leaderboard (csv, md), best.json, select.json."""
+    """Rank every cell by its selection estimate; write the leaderboard (csv, md), best.json,
+    select.json."""
     ranked = rank(collect(train, features, metrics, models), cfg.metric)
     top = ranked[0]
     best = BestChoice(
@@ -178,6 +214,9 @@ def select(
         metric=cfg.metric,
         value=top[cfg.metric],
         features=features.digest,
+        selection=top["selection"],
+        cv_folds=top["cv_folds"],
+        selection_note=selection_note(ranked),
         tie_break=tie_note(ranked, cfg.metric),
         ranking=finetune_candidates(ranked),
     )
@@ -191,9 +230,11 @@ def select(
         "best_head": top["head"],
         "best_val_accuracy": top["val_accuracy"],
         "best_val_accuracy_ci95": list(top["val_accuracy_ci95"]),
+        "best_val_fold_std": top["val_fold_std"],
         "best_val_macro_f1": top["val_macro_f1"],
-        "tie_break": tie_note(ranked, cfg.metric),
+        "tie_break": best.tie_break,
         "val_accuracy_by_layer": per_layer,
+        "selection": best.selection_note,  # last: the widest column of `dvc exp show`
     }
     Path(reports).mkdir(parents=True, exist_ok=True)
     with (Path(reports) / "leaderboard.csv").open("w", newline="") as f:

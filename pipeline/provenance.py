@@ -143,5 +143,6 @@ def head_params(train: TrainConfig, head: str) -> dict:
     return {
         "seed": train.seed,
         "max_memory_mb": train.max_memory_mb,
+        "cv": train.cv.model_dump(mode="json"),
         head: getattr(train, head).model_dump(mode="json"),
     }

@@ -134,17 +134,25 @@ class HeadRecord(Record):
     kind: Literal["sklearn", "keras"]
     model: str  # file name inside the cell's directory
     model_sha256: str
-    params: dict  # train.seed, train.max_memory_mb and train.<head>
+    params: dict  # train.seed, train.max_memory_mb, train.cv and train.<head>
     features: Fingerprint  # of the features it was trained on
     reduction: str
     feature_width: int
     class_names: list[str]
     fit_path: Literal["memory", "stream"]
+    fit_on: Literal["train", "train+val"]  # the rows the saved model saw (train+val after CV)
     code: str  # code digest of the train stage
 
 
 class CellMetrics(Record):
-    """metrics/train/<cell>.json: the scores of one head, in one schema for every head."""
+    """metrics/train/<cell>.json: the scores of one head, in one schema for every head.
+
+    `val_accuracy`, `val_accuracy_ci95` (Wilson) and `val_macro_f1` are the selection
+    estimate: with `selection` "cv", scores of the out-of-fold predictions of `cv_folds`-fold
+    cross-validation over train+val; with "val", scores on the val split. `n_val` images are
+    behind it. The test scores are those of the saved model (HeadRecord.fit_on says what it
+    was fitted on; `n_train` counts those images).
+    """
 
     layer: str
     head: str
@@ -153,9 +161,15 @@ class CellMetrics(Record):
     feature_width: int
     fit_path: Literal["memory", "stream"]
     n_train: int
+    selection: Literal["val", "cv"]
+    selection_note: str  # which selection and why, one line
+    cv_folds: int | None
+    n_val: int
     val_accuracy: float
     val_accuracy_ci95: tuple[float, float]
     val_macro_f1: float
+    val_fold_accuracies: list[float] | None
+    val_fold_std: float | None  # of val_fold_accuracies (ddof 0)
     test_accuracy: float
     test_accuracy_ci95: tuple[float, float]
     test_macro_f1: float
@@ -175,8 +189,9 @@ class RankedCell(Record):
 
 
 class BestChoice(Record):
-    """models/best.json: the head chosen on validation, and the ranking down to the first head
-    Keras can express (all that fine-tuning may read), each with its model's digest."""
+    """models/best.json: the head chosen by the selection estimate (CellMetrics), and the
+    ranking down to the first head Keras can express (all that fine-tuning may read), each
+    with its model's digest."""
 
     cell: str
     layer: str
@@ -186,5 +201,8 @@ class BestChoice(Record):
     metric: str
     value: float
     features: str  # Fingerprint.digest
+    selection: Literal["val", "cv"]  # how the best cell's estimate was made
+    cv_folds: int | None
+    selection_note: str  # which selection the ranking used and why
     tie_break: str | None  # how a tie at the top was broken (leaderboard.TIE_RULE)
     ranking: list[RankedCell]

@@ -1,4 +1,5 @@
-"""Stage `select`: leaderboard over train.layers x train.heads; the best head on validation."""
+"""Stage `select`: leaderboard over train.layers x train.heads; the best head by the selection
+estimate (cross-validation over train+val, or the val split)."""
 
 from pipeline import paths
 from pipeline.config import load_params
@@ -15,8 +16,9 @@ def main() -> None:
         best = select(params.train, params.select, features.fingerprint)
     except RecordError as exc:
         raise SystemExit(f"select: {exc}") from None
+    print(f"selection: {best.selection_note}")
     print(
-        f"best on validation: {best.cell} ({best.metric} {best.value:.4f}); "
+        f"best by the selection estimate: {best.cell} ({best.metric} {best.value:.4f}); "
         "see reports/leaderboard.md"
     )
     if best.tie_break:

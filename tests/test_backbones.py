@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import perturb_weights, relative_error, separate_layer_features
 
+from pipeline.assembly import default_unfreeze
 from pipeline.backbones import (
     BACKBONES,
     BackboneError,
@@ -115,15 +116,15 @@ def test_model_list_covers_the_registry():
 def test_registry_shapes_and_extractor_widths(name, size, layers, rng_images):
     import keras
 
-    spec = get_backbone(name)
     requested = dict(zip(layers, MODES))
     extractor, used = build_extractor(name, "random", size, requested)
     assert used == "random"
     assert extractor.inputs[0].dtype == "uint8"
     (trunk,) = [layer for layer in extractor.layers if isinstance(layer, keras.Model)]
     assert [tuple(o.shape[1:]) for o in trunk.outputs] == list(layers.values())
-    # the table's last layer is the top of the conv trunk, so the last block is in there
-    assert spec.unfreeze_from in {layer.name for layer in trunk.layers}, spec.unfreeze_from
+    unfreeze = default_unfreeze(trunk)  # the top quarter of the layers with weights
+    weighted = [layer.name for layer in trunk.layers if layer.weights]
+    assert unfreeze in weighted[len(weighted) // 2 :], unfreeze
 
     widths = [int(o.shape[-1]) for o in extractor.outputs]
     assert widths == [expected_width(layers[layer], mode) for layer, mode in requested.items()]

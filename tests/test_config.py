@@ -58,6 +58,17 @@ def test_small_params_and_defaults():
         ({"train": {"layers": []}}, ["train.layers is empty"]),
         ({"train": {"heads": []}}, ["train.heads is empty"]),
         ({"train": {"heads": ["logreg", "knn", "logreg"]}}, ["train.heads lists logreg more"]),
+        # cross-validation: 0 (never) or at least 2 folds
+        (
+            {"train": {"cv": {"folds": 1}}},
+            ["train.cv.folds", "0 (never", "at least 2", "dvc repro", "(got 1)"],
+        ),
+        ({"train": {"cv": {"folds": -2}}}, ["train.cv.folds", "-2"]),
+        ({"train": {"cv": {"when_val_under": -1}}}, ["train.cv.when_val_under", "-1"]),
+        ({"train": {"cv": {"k": 5}}}, ["unknown key 'train.cv.k'", "folds", "when_val_under"]),
+        ({"finetune": {"optimizer": "adam"}}, ["finetune.optimizer", "adamw", "sgd"]),
+        ({"finetune": {"layer_decay": 1.5}}, ["finetune.layer_decay", "1.5"]),
+        ({"finetune": {"head_epochs": -1}}, ["finetune.head_epochs", "-1"]),
         (
             {"train": {"layers": ["block5_pool", "block5_pool"]}},
             ["train.layers lists block5_pool more than once"],

@@ -123,6 +123,7 @@ def save_head(world, heads_dir, head: str, model, kind: str = "sklearn"):
         feature_width=int(world["features"]["train"].shape[1]),
         class_names=world["meta"].class_names,
         fit_path="memory",
+        fit_on="train",
         code=code_digest("train"),
     ).write(directory / "head.json")
     return cell
@@ -151,6 +152,9 @@ def best_choice(heads_dir, cells: list[str], vals: list[float]) -> BestChoice:
         metric="val_accuracy",
         value=top.val_accuracy,
         features=HeadRecord.read(heads_dir / top.cell / "head.json", "-").features.digest,
+        selection="val",
+        cv_folds=None,
+        selection_note="the val split alone",
         tie_break=None,
         ranking=ranking,
     )
@@ -380,6 +384,7 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
         "enabled": True,
         "unfreeze": UNFREEZE,
         "learning_rate": 1.0,
+        "head_epochs": 1,
         "epochs": 2,
         "patience": 2,
         "batch_size": 16,
@@ -405,12 +410,13 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
     assert report["started_from"] == logreg and "knn" in report["fallback"]
     assert report["conversion_agreement"] == 1.0
     assert report["best_epoch"] == 0 and report["epochs_run"] >= 1
-    assert report["val_accuracy"] == report["frozen_val_accuracy"]
+    assert report["val_accuracy"] == report["start_val_accuracy"]
+    assert report["kept"] == "the starting head"
     assert json.loads(paths.metrics.read_text()) == report
     assert json.loads((paths.out / "status.json").read_text())["config"]["unfreeze"] == UNFREEZE
     history = (paths.plots / "history.csv").read_text().splitlines()
     assert (
-        history[0] == "epoch,loss,accuracy,val_loss,val_accuracy"
+        history[0] == "epoch,phase,loss,accuracy,val_loss,val_accuracy"
         and len(history) == report["epochs_run"] + 2
     )
 
@@ -482,3 +488,81 @@ def test_an_epoch_tied_on_accuracy_with_lower_loss_beats_the_start():
     assert keep.best_epoch == 1
     keep.on_epoch_end(1, {"val_accuracy": float(np.float32(43 / 49)), "val_loss": 0.1})
     assert keep.best_epoch == 1  # one image fewer is worse, whatever the loss
+
+
+def test_default_unfreeze_is_the_top_quarter_of_the_trunk():
+    import keras
+
+    from pipeline.assembly import default_unfreeze
+    from pipeline.backbones import load_backbone
+
+    vgg, _ = load_backbone("vgg16", "random", 32, ["block5_pool"])
+    trunk = keras.Model(vgg.inputs, vgg.get_layer("block5_pool").output)
+    assert default_unfreeze(trunk) == "block5_conv1"  # 13 conv layers: the top 3
+
+
+def test_head_phase_trains_the_head_alone_then_layer_rates_fall_to_the_bottom(world):
+    """Phase 1 (LP) moves only the head; in phase 2 the lowest unfrozen layer gets `decay`
+    times the top's rate, geometric in between."""
+
+    from pipeline.conversion import linear_head, linear_head_weights
+    from pipeline.finetuning import image_batches, layer_rates, optimizer
+
+    head = linear_head(*linear_head_weights(fit_sklearn(world, scaled(LogisticRegression())), 10))
+    assembly = assemble_from(world, head, augment=False)
+    before = [w.numpy().copy() for w in assembly.trunk.weights]
+    head_before = [w.numpy().copy() for w in head.weights]
+    cfg = FinetuneConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1, head_epochs=1)
+    assembly.train_backbone(False)
+    batches = image_batches(*world["data"]["train"], 16, shuffle=True)
+    assembly.model.compile(optimizer(cfg, len(batches), 1, {}), "sparse_categorical_crossentropy")
+    assembly.model.fit(batches, epochs=1, verbose=0)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, assembly.trunk.weights))
+    assert not all(np.array_equal(a, w.numpy()) for a, w in zip(head_before, head.weights))
+
+    assembly.train_backbone(True)
+    rates = layer_rates(assembly, 0.25)
+    layers = assembly.trainable_layers
+    share = {
+        name: rates[assembly.trunk.get_layer(name).trainable_weights[0].path] for name in layers
+    }
+    assert share[layers[0]] == pytest.approx(0.25) and share[layers[-1]] == pytest.approx(1.0)
+    assert list(share.values()) == sorted(share.values())
+    assert {v.path for v in assembly.model.trainable_variables} - set(rates) == {
+        v.path for v in head.trainable_weights
+    }
+
+
+def test_layerwise_rates_scale_each_variables_step_and_the_schedule_warms_up():
+    import keras
+
+    from pipeline.finetuning import optimizer
+
+    cfg = FinetuneConfig(optimizer="sgd", learning_rate=0.1, weight_decay=0, warmup_epochs=1)
+    a, b = keras.Variable(np.zeros(3), name="a"), keras.Variable(np.zeros(3), name="b")
+    opt = optimizer(cfg, per_epoch=10, epochs=5, rates={b.path: 0.5})
+    schedule = opt.learning_rate if callable(opt.learning_rate) else opt._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.001)  # warm-up from 1 % of the peak
+    assert float(schedule(10)) == pytest.approx(0.1)  # the peak after one epoch
+    assert float(schedule(50)) == pytest.approx(0.0, abs=1e-6)  # cosine to zero
+    opt.build([a, b])
+    opt.apply([np.ones(3), np.ones(3)], [a, b])
+    np.testing.assert_allclose(b.numpy(), a.numpy() * 0.5)
+    assert a.numpy()[0] < 0
+
+
+def test_augmentation_is_a_crop_and_flip_in_training_and_the_identity_otherwise():
+    from pipeline.augment import RandomResizedCropFlip
+
+    ramp = np.tile(np.arange(16, dtype="float32")[None, None, :, None], (8, 16, 1, 3))
+    layer = RandomResizedCropFlip(min_scale=0.5, seed=0)
+    np.testing.assert_array_equal(np.asarray(layer(ramp)), ramp)
+    out = np.asarray(layer(ramp, training=True))[:, 0, :, 0]
+    steps = np.diff(out, axis=1)
+    rising, falling = (steps > 0).all(axis=1), (steps < 0).all(axis=1)
+    assert (rising | falling).all()  # each row a stretched crop of the ramp, maybe mirrored
+    assert rising.any() and falling.any()  # both orientations occur in a batch of 8
+    spans = out.max(axis=1) - out.min(axis=1)
+    assert (spans <= 15 + 1e-4).all() and spans.min() < 15 * 0.95  # crops, not the whole width
+    again = RandomResizedCropFlip(min_scale=0.5, seed=0)
+    np.testing.assert_array_equal(np.asarray(again(ramp, training=True))[:, 0, :, 0], out)

@@ -45,9 +45,9 @@ def run_cell(tmp_path, features, layer, head, expect=None, **train):
 
 def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
     metrics, out = run_cell(
-        tmp_path, features, "wide", "logreg", logreg={"C": 0.5, "max_iter": 500}
+        tmp_path, features, "wide", "logreg", logreg={"C": 0.5, "max_iter": 500}, cv={"folds": 0}
     )
-    assert metrics.fit_path == "memory"
+    assert metrics.fit_path == "memory" and metrics.selection == "val" and metrics.n_val == 160
     assert CellMetrics.read(tmp_path / "metrics" / "wide-logreg.json", "-") == metrics
 
     splits = open_splits(features)
@@ -60,6 +60,7 @@ def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
 
     info = HeadRecord.read(out / "head.json", "-")
     assert info.kind == "sklearn" and info.model == "model.joblib" and info.reduction == "avg"
+    assert info.fit_on == "train" and metrics.n_train == 480
     assert info.features == splits["train"].fingerprint and info.params["logreg"]["C"] == 0.5
     assert info.model_sha256 == metrics.model_sha256 == file_sha256(out / "model.joblib")
     model = joblib.load(out / "model.joblib")
@@ -70,10 +71,9 @@ def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
 
 @pytest.mark.parametrize("head", ["logreg", "linear_svm", "knn", "random_forest"])
 def test_streaming_path_trains_to_sensible_accuracy(tmp_path, features, head):
-    memory, _ = run_cell(tmp_path / "m", features, "wide", head, random_forest={"n_estimators": 30})
-    metrics, out = run_cell(
-        tmp_path / "s", features, "wide", head, max_memory_mb=1, random_forest={"n_estimators": 30}
-    )
+    common = {"random_forest": {"n_estimators": 30}, "cv": {"folds": 0}}  # both on val
+    memory, _ = run_cell(tmp_path / "m", features, "wide", head, **common)
+    metrics, out = run_cell(tmp_path / "s", features, "wide", head, max_memory_mb=1, **common)
     assert memory.fit_path == "memory" and metrics.fit_path == "stream"
     model = joblib.load(out / "model.joblib")
     assert isinstance(model.steps[0][1], StandardScaler)
@@ -96,6 +96,9 @@ def test_dense_head_streams_and_stops_early(tmp_path, features):
     }
     metrics, out = run_cell(tmp_path, features, "wide", "dense", max_memory_mb=1, dense=dense)
     assert metrics.fit_path == "stream" and metrics.val_accuracy > 0.8
+    # train+val would not fit the budget: no cross-validation, and the metrics say why
+    assert metrics.selection == "val" and metrics.cv_folds is None
+    assert "would exceed train.max_memory_mb=1" in metrics.selection_note
 
     curve = (out / "live" / "plots" / "metrics" / "eval" / "loss.tsv").read_text().splitlines()[1:]
     val_loss = [float(line.split("\t")[1]) for line in curve]

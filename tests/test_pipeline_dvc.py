@@ -3,15 +3,22 @@
 Assertions read DVC's own output: which stages ran, which were skipped or restored.
 """
 
+import csv
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import dvc_repo, ran, restored, sh
 
 LAYERS = ["block2_pool", "block5_pool"]
 HEADS = ["logreg", "knn"]
+
+
+def leaderboard(project: Path) -> list[dict]:
+    with (project / "reports" / "leaderboard.csv").open() as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +39,26 @@ def reproduced(project: Path) -> str:
 def test_repro_runs_every_stage_and_writes_the_leaderboard(project, reproduced):
     cells = {f"train@{layer}-{head}" for layer in LAYERS for head in HEADS}
     assert {"prepare", "extract", "select", "finetune", "evaluate"} | cells <= ran(reproduced)
-    rows = (project / "reports" / "leaderboard.csv").read_text().strip().splitlines()
-    assert len(rows) - 1 == len(LAYERS) * len(HEADS)
+    rows = leaderboard(project)
+    assert len(rows) == len(LAYERS) * len(HEADS)
     best = json.loads((project / "models" / "best.json").read_text())
     assert best["layer"] in LAYERS and best["head"] in HEADS
+    # 30 val images < train.cv.when_val_under: every cell is ranked by 5-fold cross-validation
+    selection = "5-fold cross-validation over train+val (120 images): the val split has 30 < 500"
+    assert {(r["selection"], r["cv_folds"], r["n_val"]) for r in rows} == {("cv", "5", "120")}
+    for r in rows:
+        folds = json.loads(r["val_fold_accuracies"])
+        assert len(folds) == 5 and float(r["val_fold_std"]) == pytest.approx(
+            np.std(folds), abs=1e-5
+        )
+    assert "| fold_spread |" in (project / "reports" / "leaderboard.md").read_text()
+    assert json.loads((project / "metrics" / "select.json").read_text())["selection"].startswith(
+        selection
+    )
+    assert f"selection: {selection}" in reproduced
     test = json.loads((project / "metrics" / "test.json").read_text())
     frozen = test["frozen"]
+    assert (frozen["selection"], frozen["cv_folds"]) == ("cv", 5)
     assert frozen["test_accuracy"] > 0.5  # digits are learnable; chance is 0.1
     assert (
         frozen["test_accuracy_ci95"][0]
@@ -53,6 +74,14 @@ def test_head_experiment_reruns_only_the_changed_cells(project, reproduced):
     trained = {s for s in ran(output) if s.startswith("train@")}
     assert trained == {f"train@{layer}-logreg" for layer in LAYERS}
     assert "prepare" not in ran(output) and "extract" not in ran(output)
+
+
+def test_a_cv_experiment_reruns_every_train_cell_but_not_extract(project, reproduced):
+    output = sh(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "train.cv.folds=3")
+    assert "Stage 'extract' didn't change, skipping" in output
+    trained = {s for s in ran(output) if s.startswith("train@")}
+    assert trained == {f"train@{layer}-{head}" for layer in LAYERS for head in HEADS}
+    assert {r["cv_folds"] for r in leaderboard(project)} == {"3"}
 
 
 def test_layer_experiment_trains_nothing_new_and_ranks_one_layer(project, reproduced):
@@ -103,4 +132,10 @@ def test_finetune_enabled_reports_frozen_and_finetuned_side_by_side(project, rep
     test = json.loads((project / "metrics" / "test.json").read_text())
     report = json.loads((project / "metrics" / "finetune.json").read_text())
     assert test["finetuned"]["test_accuracy"] == report["test_accuracy"] > 0.5
-    assert report["val_accuracy"] >= report["frozen_val_accuracy"]  # never worse on validation
+    if report["best_epoch"]:  # an epoch beat the start on validation
+        assert report["val_accuracy"] >= report["start_val_accuracy"]
+    else:  # none did: the head it started from is kept, the frozen best unless a fallback
+        assert report["kept"] == "the starting head"
+        if report["fallback"] is None:  # float32 Dense vs scikit-learn: one image at most
+            n = test["frozen"]["n_test"]
+            assert abs(report["test_accuracy"] - test["frozen"]["test_accuracy"]) <= 1 / n

@@ -315,6 +315,7 @@ def test_a_pickled_payload_never_runs(tmp_path):
         feature_width=4,
         class_names=["x"],
         fit_path="memory",
+        fit_on="train",
         code="-",
     )
     assert load_head(directory, record) == {"weights": [1, 2]}

@@ -23,8 +23,11 @@ FINGERPRINT = synthetic_fingerprint(["a", "b"])
 TRAIN_CODE = code_digest("train")
 
 
-def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, features=FINGERPRINT, width=8):
-    """metrics/train/<cell>.json and models/heads/<cell>/ as a train cell writes them."""
+def fake_cell(
+    root, layer, head, val, test, val_f1=None, fit=1.0, features=FINGERPRINT, width=8, folds=5
+):
+    """metrics/train/<cell>.json and models/heads/<cell>/ as a train cell writes them: the
+    estimate by `folds`-fold cross-validation over 100 images (folds None: the val split)."""
     cell, kind = f"{layer}-{head}", "keras" if head == "dense" else "sklearn"
     model = "model.keras" if kind == "keras" else "model.joblib"
     (root / "heads" / cell).mkdir(parents=True, exist_ok=True)
@@ -38,9 +41,17 @@ def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, features=FINGE
         feature_width=width,
         fit_path="memory",
         n_train=100,
+        selection="val" if folds is None else "cv",
+        selection_note="the val split alone" if folds is None else f"{folds}-fold cv",
+        cv_folds=folds,
+        n_val=100,
         val_accuracy=val,
         val_accuracy_ci95=wilson_interval(round(val * 100), 100),
         val_macro_f1=val if val_f1 is None else val_f1,
+        val_fold_accuracies=None
+        if folds is None
+        else [val - 0.05, val + 0.05] + [val] * (folds - 2),
+        val_fold_std=None if folds is None else 0.03,
         test_accuracy=test,
         test_accuracy_ci95=wilson_interval(round(test * 100), 100),
         test_macro_f1=test,
@@ -60,6 +71,7 @@ def fake_cell(root, layer, head, val, test, val_f1=None, fit=1.0, features=FINGE
         feature_width=8,
         class_names=["x", "y"],
         fit_path="memory",
+        fit_on="train" if folds is None else "train+val",
         code=TRAIN_CODE,
     ).write(root / "heads" / cell / "head.json")
 
@@ -175,6 +187,26 @@ def test_ties_are_broken_by_macro_f1_then_a_stated_rule(tmp_path):
     assert run_select(tmp_path, ["a", "b", "c"], ["logreg", "knn"]).tie_break is None
 
 
+def test_leaderboard_says_how_each_cell_was_estimated_and_its_fold_spread(tmp_path):
+    fake_cell(tmp_path, "a", "logreg", 0.9, 0.5)
+    fake_cell(tmp_path, "b", "logreg", 0.8, 0.5, folds=None)  # e.g. too wide to cross-validate
+    best = run_select(tmp_path, ["a", "b"], ["logreg"])
+    rows = leaderboard(tmp_path)
+    assert [(r["cell"], r["selection"], r["cv_folds"], r["n_val"]) for r in rows] == [
+        ("a-logreg", "cv", "5", "100"),
+        ("b-logreg", "val", "", "100"),
+    ]
+    assert (rows[0]["val_fold_std"], rows[1]["val_fold_std"]) == ("0.03", "")
+    md = (tmp_path / "reports" / "leaderboard.md").read_text()
+    assert "| 1 | a-logreg | memory | 8 | cv5 | 100 | 0.9000 | [0.826, 0.945] | " in md
+    assert "\u00b10.030 [0.850, 0.950]" in md and "| 2 | b-logreg | memory | 8 | val | 100 |" in md
+    note = "mixed: 5-fold cv (a-logreg); the val split alone (b-logreg)"
+    assert best.selection_note == note and f"Selection: {note}." in md
+    assert (best.selection, best.cv_folds) == ("cv", 5)
+    summary = json.loads((tmp_path / "select.json").read_text())
+    assert summary["selection"] == note and summary["best_val_fold_std"] == 0.03
+
+
 def test_every_head_has_a_place_in_the_tie_rule():
     from pipeline.config import HEADS
     from pipeline.leaderboard import HEAD_PREFERENCE
@@ -249,6 +281,12 @@ def test_evaluate_scores_the_best_frozen_head_and_writes_plots(trained):
     assert result == json.loads((trained / "metrics" / "test.json").read_text())
     assert "finetuned" not in result
     assert result["frozen"]["cell"] == best["cell"] and result["frozen"]["n_test"] == 90
+    # 80 val images < train.cv.when_val_under: chosen by 5-fold cross-validation over train+val
+    assert (result["frozen"]["selection"], result["frozen"]["cv_folds"]) == ("cv", 5)
+    summary = json.loads((trained / "metrics" / "select.json").read_text())
+    assert summary["selection"] == (
+        "5-fold cross-validation over train+val (280 images): the val split has 80 < 500 images"
+    )
     assert result["frozen"]["test_accuracy"] == pytest.approx(cell_metrics["test_accuracy"])
     assert result["frozen"]["test_macro_f1"] == pytest.approx(cell_metrics["test_macro_f1"])
 
