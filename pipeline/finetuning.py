@@ -1,5 +1,6 @@
-"""Fine-tuning that starts from the best frozen head (`conversion`) inside one Keras model
-(`assembly`): training with early stopping, evaluation, the report and learning curves.
+"""The finetune stage: the best frozen head (`conversion`) inside one Keras model
+(`assembly`), trained by `recipe`; the checks of what it reads, evaluation, the report and
+learning curves.
 
 The state before training is a candidate of early stopping, so the result is never worse on
 validation than the head it started from. Keras and scikit-learn are imported lazily: the
@@ -17,17 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths as layout
-from pipeline.assembly import SEED, Assembly, assemble
-from pipeline.config import FinetuneConfig, Params
+from pipeline.assembly import assemble
+from pipeline.config import Params
 from pipeline.conversion import FinetuneError, choose_head, refit_on_train
 from pipeline.precision import use_precision
+from pipeline.recipe import METRICS, Stacked, fit, image_batches, refit
 from pipeline.records import BestChoice
 
 MODEL_FILE = "model.keras"
 STATUS_FILE = "status.json"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
-HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy")
+HISTORY_FIELDS = ("epoch", "phase", *METRICS)
 
 
 @dataclass(frozen=True)
@@ -79,105 +81,6 @@ def write_disabled(paths: Paths) -> dict:
     return report
 
 
-# ---------------------------------------------------------------- training
-
-
-def image_batches(
-    images: np.ndarray, labels: np.ndarray | None, batch_size: int, shuffle: bool = False
-):
-    """Batches of memory-mapped uint8 images (only one batch in memory), reshuffled every epoch
-    when `shuffle`; rows within a batch are read in file order."""
-    from pipeline.batches import row_batches
-
-    rng = np.random.default_rng(SEED)
-
-    def blocks():
-        order = rng.permutation(len(images)) if shuffle else np.arange(len(images))
-        return [np.sort(order[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-
-    return row_batches(lambda rows: np.asarray(images[rows]), labels, batch_size, blocks)
-
-
-def _keep_best(initial: dict, patience: int, n_val: int):
-    """Early stopping on val_accuracy (ties broken by val_loss) whose first candidate is the
-    state before training; the best weights are restored at the end of every phase.
-
-    Accuracies are compared as counts of correct images: Keras logs them in float32
-    (44/49 = 0.8979591727) and the initial one is float64 (0.8979591837), so comparing the
-    floats would make every tie with the start a loss, whatever the loss says."""
-    import keras
-
-    def correct(accuracy: float) -> int:
-        return round(float(accuracy) * n_val)
-
-    class KeepBest(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.best = (correct(initial["val_accuracy"]), -initial["val_loss"])
-            self.best_epoch, self.wait, self.weights = 0, 0, None
-
-        def on_train_begin(self, logs=None):
-            self.wait = 0
-            if self.weights is None:
-                self.weights = self.model.get_weights()
-
-        def on_epoch_end(self, epoch, logs=None):
-            score = (correct(logs["val_accuracy"]), -logs["val_loss"])
-            if score > self.best:
-                self.best, self.best_epoch, self.wait = score, epoch + 1, 0
-                self.weights = self.model.get_weights()
-            else:
-                self.wait += 1
-                if self.wait >= patience:
-                    self.model.stop_training = True
-
-        def on_train_end(self, logs=None):
-            self.model.set_weights(self.weights)
-
-    return KeepBest()
-
-
-def layer_rates(assembly: Assembly, decay: float) -> dict[str, float]:
-    """Learning-rate multiplier per trainable backbone variable: 1 at the top layer, `decay` at
-    the lowest unfrozen one, geometric in between (the head gets 1)."""
-    layers = assembly.trainable_layers
-    rates = {}
-    for i, name in enumerate(layers):
-        share = decay ** ((len(layers) - 1 - i) / max(1, len(layers) - 1))
-        for variable in assembly.trunk.get_layer(name).trainable_weights:
-            rates[variable.path] = share
-    return rates
-
-
-def optimizer(cfg: FinetuneConfig, per_epoch: int, epochs: int, rates: dict[str, float]):
-    """AdamW or SGD with momentum: linear warm-up over cfg.warmup_epochs, cosine decay to zero,
-    each variable's rate scaled by `rates` (layer-wise rates)."""
-    import keras
-
-    steps = per_epoch * epochs
-    warmup = min(steps - 1, round(cfg.warmup_epochs * per_epoch))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        cfg.learning_rate / 100 if warmup else cfg.learning_rate,
-        decay_steps=max(1, steps - warmup),
-        warmup_target=cfg.learning_rate if warmup else None,
-        warmup_steps=warmup,
-    )
-    base = {"adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}[cfg.optimizer]
-    extra = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
-
-    class LayerwiseRates(base):
-        def build(self, variables):
-            super().build(variables)
-            self.shares = [rates.get(v.path, 1.0) for v in variables]
-
-        def update_step(self, gradient, variable, learning_rate):
-            # the backend may pass its own variable type: look it up by index, not by path
-            share = self.shares[self._get_variable_index(variable)]
-            super().update_step(gradient, variable, learning_rate * share)
-
-    return LayerwiseRates(learning_rate=schedule, weight_decay=cfg.weight_decay, **extra)
-
-
 def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
     """The project's scores of predicted probabilities, plus their cross-entropy."""
     from pipeline.scoring import score
@@ -190,52 +93,6 @@ def _scores(labels: np.ndarray, probs: np.ndarray) -> dict:
         "macro_f1": s.macro_f1,
         "loss": float(np.mean(-np.log(p))),
     }
-
-
-def fit(
-    assembly: Assembly, data: dict, cfg: FinetuneConfig, initial: dict
-) -> tuple[list[dict], int]:
-    """LP-FT: the head alone for cfg.head_epochs, then the unfrozen backbone layers with it for
-    cfg.epochs, each phase with its own warm-up and cosine schedule; early stopping whose first
-    candidate is `initial`. Returns (history rows, best epoch; 0 is the state before training)."""
-    import keras
-
-    keras.utils.set_random_seed(SEED)
-    keep = _keep_best(initial, cfg.patience, len(data["val"][1]))
-    train = image_batches(*data["train"], cfg.batch_size, shuffle=True)
-    val = image_batches(*data["val"], cfg.batch_size)
-    rows, epoch = [], 0
-    phases = [(False, cfg.head_epochs), (bool(assembly.trainable_layers), cfg.epochs)]
-    for backbone, epochs in phases:
-        if not epochs:
-            continue
-        assembly.train_backbone(backbone)
-        rates = layer_rates(assembly, cfg.layer_decay) if backbone else {}
-        assembly.model.compile(
-            optimizer=optimizer(cfg, len(train), epochs, rates),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        result = assembly.model.fit(
-            train,
-            validation_data=val,
-            initial_epoch=epoch,
-            epochs=epoch + epochs,
-            callbacks=[keep],
-            verbose="auto",
-        )
-        history = result.history
-        ran = len(history.get("loss", []))
-        rows += [
-            {
-                "epoch": epoch + e + 1,
-                "phase": "backbone" if backbone else "head",
-                **{k: history[k][e] for k in HISTORY_FIELDS[2:]},
-            }
-            for e in range(ran)
-        ]
-        epoch += ran
-    return rows, keep.best_epoch
 
 
 def predict(model, images: np.ndarray, batch_size: int):
@@ -298,23 +155,22 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
             "from the same head fitted on train alone and holds val out to stop early"
         )
         start = refit_on_train(start, params.train, paths.features, features)
-    model, weights_used = load_backbone(
-        backbone.name, backbone.weights, prepared.image_size, [spec.layer]
-    )
-    if weights_used != spec.record.features.weights_used:
-        raise FinetuneError(
-            f"backbone.weights resolved to {weights_used}, the head {spec.cell} was trained on "
-            f"features of {spec.record.features.weights_used}: run `dvc repro`"
+
+    def assembled(head):
+        """The pretrained backbone, freshly loaded, up to the head's layer, with `head`."""
+        model, weights_used = load_backbone(
+            backbone.name, backbone.weights, prepared.image_size, [spec.layer]
         )
-    assembly = assemble(
-        model,
-        backbone.name,
-        spec.layer,
-        spec.record.reduction,
-        start.model,
-        cfg.unfreeze,
-        cfg.augment,
-    )
+        if weights_used != spec.record.features.weights_used:
+            raise FinetuneError(
+                f"backbone.weights resolved to {weights_used}, the head {spec.cell} was trained "
+                f"on features of {spec.record.features.weights_used}: run `dvc repro`"
+            )
+        layer, reduction = spec.layer, spec.record.reduction
+        return assemble(model, backbone.name, layer, reduction, head, cfg.unfreeze, cfg.augment)
+
+    assembly = assembled(start.model)
+    weights_used = spec.record.features.weights_used
     if assembly.note:
         print(f"NOTE: {assembly.note}")
     print(
@@ -341,9 +197,16 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
     initial = {"val_accuracy": before["val"]["accuracy"], "val_loss": before["val"]["loss"]}
     t0 = time.perf_counter()
     rows, best_epoch = fit(assembly, data, cfg, initial)
-    fit_seconds = time.perf_counter() - t0
-    if best_epoch == 0 and saved is not start:  # no epoch beat the start: keep the saved head
+    kept = "the starting head" if best_epoch == 0 else f"epoch {best_epoch}"
+    if saved is not start and best_epoch == 0:  # no epoch beat the start: keep the saved head
         start.model.set_weights(saved.model.get_weights())
+    elif saved is not start:  # like the frozen head, refit on train+val from the saved head
+        print(f"refitting on train+val for the {best_epoch} epoch(s) chosen on val")
+        assembly = assembled(saved.model)
+        images = Stacked(data["train"][0], data["val"][0])
+        refit(assembly, images, np.concatenate([data["train"][1], data["val"][1]]), cfg, best_epoch)
+        kept += ", refit on train+val"
+    fit_seconds = time.perf_counter() - t0
     rows.insert(
         0,
         {
@@ -386,7 +249,7 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
         "fallback": start.fallback,
         "start_val_accuracy": before["val"]["accuracy"],
         "start_test_accuracy": before["test"]["accuracy"],
-        "kept": "the starting head" if best_epoch == 0 else f"epoch {best_epoch}",
+        "kept": kept,
         "ranked_val_accuracy": start.ranked_val_accuracy,
         "conversion_agreement": agreement,
         "unfreeze": assembly.unfreeze,

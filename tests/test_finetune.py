@@ -288,7 +288,7 @@ def test_training_changes_only_unfrozen_layers_and_keeps_bn_statistics(world):
 
     from pipeline.backbones import load_backbone
     from pipeline.conversion import linear_head, linear_head_weights
-    from pipeline.finetuning import image_batches
+    from pipeline.recipe import image_batches
 
     backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
     pretrained = {
@@ -478,10 +478,10 @@ def test_an_epoch_tied_on_accuracy_with_lower_loss_beats_the_start():
     float64 (0.8979591837): the tie must still be broken by the loss."""
     import keras
 
-    from pipeline.finetuning import _keep_best
+    from pipeline.recipe import keep_best
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    keep = _keep_best({"val_accuracy": 44 / 49, "val_loss": 0.360}, patience=2, n_val=49)
+    keep = keep_best({"val_accuracy": 44 / 49, "val_loss": 0.360}, patience=2, n_val=49)
     keep.set_model(model)
     keep.on_train_begin()
     keep.on_epoch_end(0, {"val_accuracy": float(np.float32(44 / 49)), "val_loss": 0.286})
@@ -506,7 +506,7 @@ def test_head_phase_trains_the_head_alone_then_layer_rates_fall_to_the_bottom(wo
     times the top's rate, geometric in between."""
 
     from pipeline.conversion import linear_head, linear_head_weights
-    from pipeline.finetuning import image_batches, layer_rates, optimizer
+    from pipeline.recipe import image_batches, layer_rates, optimizer
 
     head = linear_head(*linear_head_weights(fit_sklearn(world, scaled(LogisticRegression())), 10))
     assembly = assemble_from(world, head, augment=False)
@@ -536,7 +536,7 @@ def test_head_phase_trains_the_head_alone_then_layer_rates_fall_to_the_bottom(wo
 def test_layerwise_rates_scale_each_variables_step_and_the_schedule_warms_up():
     import keras
 
-    from pipeline.finetuning import optimizer
+    from pipeline.recipe import optimizer
 
     cfg = FinetuneConfig(optimizer="sgd", learning_rate=0.1, weight_decay=0, warmup_epochs=1)
     a, b = keras.Variable(np.zeros(3), name="a"), keras.Variable(np.zeros(3), name="b")
@@ -566,3 +566,12 @@ def test_augmentation_is_a_crop_and_flip_in_training_and_the_identity_otherwise(
     assert (spans <= 15 + 1e-4).all() and spans.min() < 15 * 0.95  # crops, not the whole width
     again = RandomResizedCropFlip(min_scale=0.5, seed=0)
     np.testing.assert_array_equal(np.asarray(again(ramp, training=True))[:, 0, :, 0], out)
+
+
+def test_stacked_reads_train_and_val_as_one_array_in_the_order_asked():
+    from pipeline.recipe import Stacked
+
+    train, val = np.arange(10)[:, None] * 10, np.arange(5)[:, None] + 1000
+    both = Stacked(train, val)
+    assert len(both) == 15
+    np.testing.assert_array_equal(both[np.array([14, 0, 9, 10, 3])][:, 0], [1004, 0, 90, 1000, 30])
