@@ -131,7 +131,7 @@ def make_repo(root: Path, images: Path, weights: Path, size: int, overrides: lis
         sh(root, "git", "config", "user.email", "bench@example.invalid")
         sh(root, "git", "config", "user.name", "bench")
         sh(root, "dvc", "init", "-q")
-    sh(root, "git", "add", "-A")
+    sh(root, "git", "add", "pipeline", "dvc.yaml", "params.yaml", ".gitignore")
     sh(root, "git", "commit", "-qm", "bench", "--allow-empty")
 
 

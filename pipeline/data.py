@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from pipeline.config import DataConfig
@@ -81,6 +80,8 @@ class Split:
 
 
 def _stratified(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int, what: str):
+    from sklearn.model_selection import train_test_split
+
     try:
         return train_test_split(idx, test_size=fraction, stratify=labels[idx], random_state=seed)
     except ValueError as exc:
@@ -104,6 +105,8 @@ def subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A stratified subset of `n` indices (all of them when n >= len)."""
     if n >= len(labels):
         return np.arange(len(labels))
+    from sklearn.model_selection import train_test_split
+
     keep, _ = train_test_split(
         np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed
     )

@@ -151,8 +151,8 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
     saved = start
     if spec.record.fit_on == "train+val":
         print(
-            f"NOTE: {spec.cell} was refit on train+val after cross-validation; fine-tuning starts "
-            "from the same head fitted on train alone and holds val out to stop early"
+            f"NOTE: {spec.cell} was refit on train+val after cross-validation; the epochs are "
+            "chosen on val from the same head fitted on train alone, then refit on train+val"
         )
         start = refit_on_train(start, params.train, paths.features, features)
 

@@ -19,21 +19,20 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import joblib
 import numpy as np
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.linear_model import LogisticRegression, SGDClassifier
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.random_projection import GaussianRandomProjection
-from sklearn.svm import LinearSVC
 
 from pipeline.config import DenseConfig, TrainConfig
 from pipeline.provenance import require
 from pipeline.records import HeadRecord, RecordError
 from pipeline.store import FeatureFile
+
+if TYPE_CHECKING:  # scikit-learn is imported where it is used: reading heads does not need it
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
 
 MODEL_FILES = {"sklearn": "model.joblib", "keras": "model.keras"}
 STREAM_COMPONENTS = 256
@@ -114,6 +113,8 @@ def read_rows(ff: FeatureFile, layer: str, rows: np.ndarray) -> np.ndarray:
 
 
 def fit_scaler(ff: FeatureFile, layer: str, plan: Plan) -> StandardScaler:
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler()
     for x, _ in sequential(ff, layer, plan.block_rows):
         scaler.partial_fit(x)
@@ -124,6 +125,11 @@ def fit_scaler(ff: FeatureFile, layer: str, plan: Plan) -> StandardScaler:
 
 
 def _classifier(head: str, cfg: TrainConfig, n_train: int, stream: bool):
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import LinearSVC
+
     seed = cfg.seed
     if head in ("logreg", "linear_svm"):
         c = getattr(cfg, head)
@@ -155,6 +161,11 @@ def _classifier(head: str, cfg: TrainConfig, n_train: int, stream: bool):
 def fit_sklearn(
     head: str, cfg: TrainConfig, train: FeatureFile, layer: str, plan: Plan
 ) -> Pipeline:
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.random_projection import GaussianRandomProjection
+
     n = len(train.labels)
     clf = _classifier(head, cfg, n, plan.path == "stream")
     if plan.path == "memory":
