@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pipeline.conversion import FinetuneError
 
 SEED = 0
-
-
 UNFREEZE_SHARE = 0.25  # unfreeze: null trains the top quarter of the trunk's layers with weights
 
 
@@ -25,7 +23,7 @@ class Assembly:
     model: object  # uint8 images -> class probabilities
     probe: object  # uint8 images -> (reduced features, probabilities)
     trunk: object  # the backbone up to the head's layer
-    unfreeze: str | None
+    unfreeze: str
     trainable_layers: list[str] = field(default_factory=list)  # bottom to top
     note: str | None = None
 
@@ -93,10 +91,13 @@ def assemble(
             f"backbone is trainable, only the head trains. Choose a layer at or below {layer} "
             f"(e.g. one of {', '.join(trunk_names[-6:])})."
         )
-    trunk.trainable = True
-    for i, lyr in enumerate(trunk.layers):
-        lyr.trainable = i >= start and not isinstance(lyr, keras.layers.BatchNormalization)
-        if i < start and isinstance(lyr, keras.layers.Dropout):
+    trainable = [
+        lyr.name
+        for lyr in trunk.layers[start:]
+        if lyr.weights and not isinstance(lyr, keras.layers.BatchNormalization)
+    ]
+    for lyr in trunk.layers[:start]:
+        if isinstance(lyr, keras.layers.Dropout):
             lyr.rate = 0.0  # Dropout is the identity at inference, so this changes no prediction
     augment = RandomResizedCropFlip(seed=SEED, name="augment") if augment else None
     images, (reduced,) = reduced_features(backbone_name, trunk, {layer: reduction}, augment)
@@ -105,5 +106,6 @@ def assemble(
         probs = keras.layers.Activation("linear", dtype="float32", name="probs_float32")(probs)
     model = keras.Model(images, probs, name="finetuned")
     probe = keras.Model(images, [reduced, probs], name="finetuned_probe")
-    trainable = [lyr.name for lyr in trunk.layers if lyr.trainable and lyr.trainable_weights]
-    return Assembly(model, probe, trunk, unfreeze, trainable, note)
+    assembly = Assembly(model, probe, trunk, unfreeze, trainable, note)
+    assembly.train_backbone(True)
+    return assembly
