@@ -3,14 +3,19 @@
 Two data sets are cut from the photographs that ship inside scikit-image (BSD-3; install it
 beside the project, it is not a dependency):
 
+- textures: grey tiles of 16x16 px from eight photos (brick, grass, gravel, moon, hubble deep
+  field, immunohistochemistry, retina, camera), one class per photo, 100 tiles each;
+- scenes: grey tiles of 24x24 px from six photos (astronaut, camera, chelsea, coffee,
+  rocket, coins), 100 tiles each;
 - faces: `lfw_subset`, 100 faces from Labeled Faces in the Wild and 100 patches of other
-  photos (25x25 grey), split by data.seed;
-- textures: 40x40 crops of five grey photos (brick, grass, gravel, moon, ihc). Training and
-  validation crops come from the top 60 % of each photo, test crops from the bottom 40 %, so
-  no test pixel was seen in training.
+  photos (25x25 grey).
+
+Tiles come from a grid of non-overlapping squares, so no pixel is in two images; the splits
+are drawn by data.seed.
 
 Each data set gets its own git + DVC repository under --workdir holding this checkout's
-pipeline, MobileNetV2 at --image-size px, three layers, every head and `finetune.enabled:
+pipeline, MobileNetV2 at --image-size px, its three suggested layers (`extract.layers: auto`:
+block_6_expand_relu, block_13_expand_relu, out_relu), every head and `finetune.enabled:
 true` with the finetune defaults of params.yaml (or --set overrides). For each seed it runs
 `dvc exp run -S data.seed=S` and prints one table row: best frozen cell and test accuracy,
 fine-tuned test accuracy, the difference in test images and the wall time.
@@ -46,7 +51,6 @@ TEXTURES = (
     "camera",
 )
 SCENES = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins")
-LAYERS = {"block_6_expand_relu": "avg", "block_13_expand_relu": "avg", "out_relu": "avg"}
 
 
 def make_faces(root: Path) -> None:
@@ -119,8 +123,8 @@ def make_repo(root: Path, images: Path, weights: Path, size: int, overrides: lis
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source="folder", path=str(images), image_size=size, limit=None)
     params["backbone"] = {"name": "mobilenet_v2", "weights": str(weights)}
-    params["extract"]["layers"] = dict(LAYERS)
-    params["train"]["layers"] = list(LAYERS)
+    params["extract"]["layers"] = "auto"
+    params["train"]["layers"] = None
     params["finetune"]["enabled"] = True
     for item in overrides:
         key, value = item.split("=", 1)

@@ -13,7 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.backbones import BACKBONE_NAMES
+from pipeline.backbones import BACKBONE_NAMES, closest, get_backbone, layer_problem, layer_table
+from pipeline.errors import InputError
 
 HEADS = ("logreg", "linear_svm", "knn", "random_forest", "dense")
 REDUCTION_PATTERN = re.compile(r"^(none|avg|max|grid[1-9])$")
@@ -21,7 +22,7 @@ REDUCTION_PATTERN = re.compile(r"^(none|avg|max|grid[1-9])$")
 LAYER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """params.yaml is invalid: the message names the key, what is accepted and what was given."""
 
 
@@ -77,14 +78,16 @@ class BackboneConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    layers: dict[str, str] = {"block2_pool": "avg", "block5_pool": "avg", "fc2": "none"}
+    layers: Literal["auto"] | dict[str, str] = "auto"  # auto: the backbone's suggested layers
     batch_size: int = Field(32, ge=1)
     storage_dtype: Literal["float16", "float32"] = "float16"
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
 
     @field_validator("layers")
     @classmethod
-    def _reductions(cls, v: dict[str, str]) -> dict[str, str]:
+    def _reductions(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        if v == "auto":
+            return v
         if not v:
             raise ValueError("at least one layer is needed")
         for layer, red in v.items():
@@ -160,7 +163,7 @@ class CvConfig(_Section):
 
 
 class TrainConfig(_Section):
-    layers: list[str] = ["block2_pool", "block5_pool", "fc2"]
+    layers: list[str] | None = None  # None: every extracted layer
     heads: list[Literal["logreg", "linear_svm", "knn", "random_forest", "dense"]] = list(HEADS)
     seed: int = 0
     max_memory_mb: int = Field(2048, ge=1)
@@ -173,7 +176,9 @@ class TrainConfig(_Section):
 
     @field_validator("layers")
     @classmethod
-    def _layers(cls, v: list[str]) -> list[str]:
+    def _layers(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
         _check_list("layers", v)
         for layer in v:
             _check_layer_name(layer)
@@ -216,14 +221,39 @@ class Params(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
-    def _train_layers_extracted(self) -> Params:
-        missing = [layer for layer in self.train.layers if layer not in self.extract.layers]
-        if missing:
+    def _sizes(self) -> Params:
+        spec = get_backbone(self.backbone.name)
+        if self.data.image_size < spec.min_size:
             raise ValueError(
-                f"train.layers {missing} are not in extract.layers "
-                f"({', '.join(self.extract.layers)}); add them there or drop them from train.layers"
+                f"{spec.name} needs inputs of at least {spec.min_size}x{spec.min_size}; "
+                f"data.image_size is {self.data.image_size}"
             )
         return self
+
+    def resolved(self) -> Params:
+        """`extract.layers: auto` and `train.layers: null` made explicit, then checked against
+        the backbone's table of layer names (no model is built)."""
+        spec = get_backbone(self.backbone.name)
+        size = self.data.image_size
+        layers = spec.auto(size) if self.extract.layers == "auto" else dict(self.extract.layers)
+        table = layer_table(spec.name)
+        problem = layer_problem(spec, size, layers, table["base"], table["top"])
+        if problem:
+            raise ConfigError(f"extract.layers: {problem}")
+        chosen = list(layers) if self.train.layers is None else list(self.train.layers)
+        missing = [layer for layer in chosen if layer not in layers]
+        if missing:
+            raise ConfigError(
+                f"train.layers {missing} are not extracted (extract.layers gives "
+                f"{', '.join(layers)}){closest(missing[0], layers)} Add them to extract.layers, "
+                "or drop them from train.layers (null: every extracted layer)"
+            )
+        return self.model_copy(
+            update={
+                "extract": self.extract.model_copy(update={"layers": layers}),
+                "train": self.train.model_copy(update={"layers": chosen}),
+            }
+        )
 
 
 # Keys that were renamed; DVC's run-cache ignores any param named `size` (treeverse/dvc#10296).
@@ -248,12 +278,14 @@ def _describe(error: dict) -> str:
 
 
 def parse_params(raw: dict) -> Params:
-    """Validate a params mapping; raise ConfigError naming every bad key."""
+    """Validate a params mapping and resolve its layers; raise ConfigError naming every bad
+    key."""
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
-        raise ConfigError("invalid params:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError("invalid params.yaml: " + "; ".join(lines)) from None
+    return params.resolved()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

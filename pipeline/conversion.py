@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import paths
 from pipeline.config import TrainConfig
+from pipeline.errors import InputError
 from pipeline.records import BestChoice, HeadRecord
 
 MISSING_CLASS_BIAS = -1.0e4  # a class the head never saw: never predicted
 
 
-class FinetuneError(ValueError):
+class FinetuneError(InputError, ValueError):
     """Fine-tuning cannot start: the message says what is wrong and what to change or re-run."""
 
 
@@ -158,7 +160,7 @@ def choose_head(best: BestChoice, heads_dir: Path, n_classes: int) -> StartingHe
         if entry.head not in KERAS_EXPRESSIBLE:
             skipped.append(f"{entry.cell} ({entry.head} is not a map Keras layers can hold)")
             continue
-        directory = Path(heads_dir) / entry.cell
+        directory = paths.cell_dir(heads_dir, entry.layer, entry.head)
         spec = HeadSpec(
             entry.cell, directory, read_head(directory, model_sha256=entry.model_sha256)
         )

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.config import DataConfig
+from pipeline.errors import InputError
 from pipeline.provenance import code_digest
 from pipeline.records import PreparedRecord, SourceRecord, file_sha256
 
@@ -62,7 +63,7 @@ RESAMPLE = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """The data source cannot give a usable data set; the message says what to fix."""
 
 

@@ -5,17 +5,13 @@ import json
 from pipeline.config import load_params
 from pipeline.evaluation import evaluate
 from pipeline.provenance import expected_features
-from pipeline.records import RecordError
+from pipeline.stage import run_stage
 
 
-def main() -> None:
+def main(_) -> None:
     params = load_params()
-    try:
-        result = evaluate(params.train, expected_features(params))
-    except (RecordError, FileNotFoundError) as exc:
-        raise SystemExit(f"evaluate: {exc}") from None
-    print(json.dumps(result, indent=2))
+    print(json.dumps(evaluate(params.train, expected_features(params)), indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("evaluate", __doc__, main)

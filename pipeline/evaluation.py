@@ -83,6 +83,46 @@ def layer_chart(
     plt.close(fig)
 
 
+def confusion_png(
+    path: Path, class_names: list[str], actual: np.ndarray, predicted: np.ndarray, title: str
+) -> None:
+    """Counts and row-normalised shares side by side, for viewing without DVC's HTML."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    counts = np.zeros((k, k), np.int64)
+    np.add.at(counts, (actual, predicted), 1)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = 1.6 + 0.45 * k
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side + 0.6), constrained_layout=True)
+    for ax, values, label in ((axes[0], counts, "count"), (axes[1], shares, "share of row")):
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        if k <= 20:
+            for (i, j), v in np.ndenumerate(values):
+                text = f"{v:d}" if values is counts else f"{v:.2f}"
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if shares[i, j] > 0.5 else "black",
+                )
+        ax.set_xticks(range(k), class_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(k), class_names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(label)
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _method(best: BestChoice) -> str:
     return f"{best.cv_folds}-fold CV over train+val" if best.selection == "cv" else "val split"
 
@@ -122,7 +162,10 @@ def evaluate(
     plan = Plan.for_matrix(len(test.labels), test.widths[layer], train.max_memory_mb)
     predicted = predict(model, info.kind, test, layer, plan.block_rows)
     s = score(test.labels, predicted, len(test.class_names))
+    fp = test.fingerprint
     result = {
+        "backbone": fp.backbone["name"],
+        "weights": fp.weights_used,
         "frozen": {
             "cell": best.cell,
             "test_accuracy": s.accuracy,
@@ -132,7 +175,7 @@ def evaluate(
             "selection": best.selection,
             "cv_folds": best.cv_folds,
             "n_test": s.n,
-        }
+        },
     }
     finetune = json.loads(Path(finetune_file).read_text()) if Path(finetune_file).is_file() else {}
     if finetune.get("enabled"):
@@ -142,7 +185,13 @@ def evaluate(
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     for name in ("confusion.csv", "confusion_normalized.csv"):
         write_confusion(Path(plots) / name, test.class_names, test.labels, predicted)
-    fp = test.fingerprint
+    confusion_png(
+        Path(plots) / "confusion.png",
+        test.class_names,
+        test.labels,
+        predicted,
+        f"{best.cell} on the test split ({s.n} images)",
+    )
     with Path(leaderboard).open() as f:
         ranking = [{**r, "val_accuracy": float(r["val_accuracy"])} for r in csv.DictReader(f)]
     layer_chart(

@@ -8,45 +8,43 @@ from pipeline.layers import build_extractor
 from pipeline.precision import use_precision
 from pipeline.provenance import current_prepared, expected_features
 from pipeline.records import Fingerprint, RecordError
+from pipeline.stage import run_stage
 
 
-def main() -> None:
+def main(_) -> None:
     params = load_params()
     bb, ex = params.backbone, params.extract
-    try:
-        prepared = current_prepared(params)
-        expected = expected_features(params, prepared)
-        precision = use_precision(ex.precision)
-        devices = distribute_over_devices(ex.batch_size)
-        model, weights_used = build_extractor(bb.name, bb.weights, prepared.image_size, ex.layers)
-        if expected["weights"].startswith("file:") and weights_used != expected["weights"]:
-            raise RecordError(
-                f"backbone.weights file {bb.weights} changed after `scan` read it: run `dvc repro`"
-            )
-        print(
-            f"backbone {bb.name}, weights: {weights_used}, layers: {ex.layers}, "
-            f"devices: {devices}, precision: {precision}"
+    prepared = current_prepared(params)
+    expected = expected_features(params, prepared)
+    precision = use_precision(ex.precision)
+    devices = distribute_over_devices(ex.batch_size)
+    model, weights_used = build_extractor(bb.name, bb.weights, prepared.image_size, ex.layers)
+    if expected["weights"].startswith("file:") and weights_used != expected["weights"]:
+        raise RecordError(
+            f"backbone.weights file {bb.weights} changed after `scan` read it: run `dvc repro`"
         )
-        fingerprint = Fingerprint(
-            **expected,
-            weights_used=weights_used,
-            precision=precision,
-            image_size=prepared.image_size,
-            versions=versions(),
-        )
-        extract_all(
-            model,
-            paths.PREPARED,
-            prepared,
-            fingerprint,
-            paths.FEATURES,
-            paths.EXTRACT_SCRATCH,
-            ex.batch_size,
-        )
-    except RecordError as exc:
-        raise SystemExit(f"extract: {exc}") from None
+    print(
+        f"backbone {bb.name}, weights: {weights_used}, layers: {ex.layers}, "
+        f"devices: {devices}, precision: {precision}"
+    )
+    fingerprint = Fingerprint(
+        **expected,
+        weights_used=weights_used,
+        precision=precision,
+        image_size=prepared.image_size,
+        versions=versions(),
+    )
+    extract_all(
+        model,
+        paths.PREPARED,
+        prepared,
+        fingerprint,
+        paths.FEATURES,
+        paths.EXTRACT_SCRATCH,
+        ex.batch_size,
+    )
     print(f"wrote {paths.FEATURES}/{{train,val,test}}.h5")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("extract", __doc__, main)

@@ -90,11 +90,10 @@ def extract_split(
         check = io.submit(file_sha256, images_sha256[0]) if images_sha256 else None
         pending = None
         for start in range(done, n, chunk):
-            outputs = forward.run(images[start : start + chunk])
+            outputs = forward.run(images[start : start + chunk], bar.update)
             if pending is not None:
                 pending.result()
             pending = io.submit(writer.write, start, dict(zip(layers, outputs)))
-            bar.update(len(outputs[0]))
         if pending is not None:
             pending.result()
         if check is not None and check.result() != images_sha256[1]:

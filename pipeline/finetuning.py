@@ -66,12 +66,9 @@ def write_history(path: Path, rows: list[dict]) -> None:
             )
 
 
-def write_disabled(paths: Paths) -> dict:
+def write_disabled(paths: Paths, backbone: str, weights: str) -> dict:
     """finetune.enabled is false: write the stage's outputs as small stubs, in milliseconds."""
-    report = {
-        "enabled": False,
-        "reason": "finetune.enabled is false; enable it with `dvc exp run -S finetune.enabled=true`",
-    }
+    report = {"enabled": False, "backbone": backbone, "weights": weights}
     paths.out.mkdir(parents=True, exist_ok=True)
     for stale in (paths.out / MODEL_FILE, paths.plots / CURVES_FILE):
         stale.unlink(missing_ok=True)

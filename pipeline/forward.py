@@ -14,6 +14,8 @@ from collections import deque
 import keras
 import numpy as np
 
+from pipeline.config import ConfigError
+
 
 class Forward:
     """Runs `model` over uint8 images in fixed-shape batches (the last one padded)."""
@@ -60,14 +62,17 @@ class Forward:
     def _fetch(self, pending) -> list[np.ndarray]:
         return [np.asarray(o).astype(self.out_dtype, copy=False) for o in pending]
 
-    def run(self, images: np.ndarray) -> list[np.ndarray]:
-        """Outputs for every image, one array per model output, in input order."""
+    def run(self, images: np.ndarray, done=None) -> list[np.ndarray]:
+        """Outputs for every image, one array per model output, in input order; `done(n)` is
+        called as each batch of n images comes back."""
         in_flight: deque = deque()
         parts: list[list[np.ndarray]] = []
 
         def collect():
             pending, n = in_flight.popleft()
             parts.append([o[:n] for o in self._fetch(pending)])
+            if done:
+                done(n)
 
         for start in range(0, len(images), self.batch_size):
             batch = np.asarray(images[start : start + self.batch_size])
@@ -99,7 +104,7 @@ def distribute_over_devices(batch_size: int) -> int:
     devices = keras.distribution.list_devices()
     if len(devices) > 1:
         if batch_size % len(devices):
-            raise ValueError(
+            raise ConfigError(
                 f"extract.batch_size={batch_size} must be a multiple of the {len(devices)} devices"
             )
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))

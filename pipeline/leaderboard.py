@@ -69,9 +69,11 @@ def collect(train: TrainConfig, features: Fingerprint, metrics: Path, models: Pa
     rows, code = [], code_digest("train")
     for layer in train.layers:
         for head in train.heads:
-            cell = f"{layer}-{head}"
-            rerun = f"dvc repro train@{cell}"
-            m = CellMetrics.read(Path(metrics) / f"{cell}.json", rerun)
+            cell = paths.cell(layer, head)
+            rerun = f"dvc repro train@{head}"
+            metrics_file = paths.cell_metrics(metrics, layer, head)
+            folder = paths.cell_dir(models, layer, head)
+            m = CellMetrics.read(metrics_file, rerun)
             expect = {
                 "cell": cell,
                 "layer": layer,
@@ -80,14 +82,13 @@ def collect(train: TrainConfig, features: Fingerprint, metrics: Path, models: Pa
                 "features": features.model_dump(mode="json"),
                 "code": code,
             }
-            record = read_head(Path(models) / cell, expect)
-            verify_model(Path(models) / cell, record)
+            record = read_head(folder, expect)
+            verify_model(folder, record)
             if (m.layer, m.head, m.model_sha256) != (layer, head, record.model_sha256):
                 raise SelectError(
-                    f"{Path(metrics) / f'{cell}.json'} does not score the model in "
-                    f"{Path(models) / cell}: run `{rerun}`"
+                    f"{metrics_file} does not score the model in {folder}: run `{rerun}`"
                 )
-            model = f"{Path(models).as_posix()}/{cell}/{record.model}"
+            model = f"{folder.as_posix()}/{record.model}"
             rows.append({**m.model_dump(), "cell": cell, "kind": record.kind, "model": model})
     return rows
 
@@ -225,6 +226,8 @@ def select(
         for layer in train.layers
     }
     brief = {
+        "backbone": features.backbone["name"],
+        "weights": features.weights_used,
         "best_cell": top["cell"],
         "best_layer": top["layer"],
         "best_head": top["head"],
@@ -233,7 +236,7 @@ def select(
         "best_val_fold_std": top["val_fold_std"],
         "best_val_macro_f1": top["val_macro_f1"],
         "tie_break": best.tie_break,
-        "val_accuracy_by_layer": per_layer,
+        "by_layer": per_layer,  # each layer's best val_accuracy: `dvc exp show --keep by_layer`
         "selection": best.selection_note,  # last: the widest column of `dvc exp show`
     }
     Path(reports).mkdir(parents=True, exist_ok=True)

@@ -11,3 +11,16 @@ EXTRACT_SCRATCH = Path(".cache/extract")
 HEADS = Path("models/heads")
 TRAIN_METRICS = Path("metrics/train")
 BEST = Path("models/best.json")
+
+
+def cell(layer: str, head: str) -> str:
+    return f"{layer}-{head}"
+
+
+def cell_dir(models: Path, layer: str, head: str) -> Path:
+    """A trained head's folder: one folder per head (its `train@<head>` stage's output)."""
+    return Path(models) / head / cell(layer, head)
+
+
+def cell_metrics(metrics: Path, layer: str, head: str) -> Path:
+    return Path(metrics) / head / f"{cell(layer, head)}.json"

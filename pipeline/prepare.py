@@ -2,16 +2,12 @@
 
 from pipeline import paths
 from pipeline.config import load_params
-from pipeline.data import DataError, prepare
+from pipeline.data import prepare
+from pipeline.stage import run_stage
 
 
-def main() -> None:
-    params = load_params()
-    cfg = params.data
-    try:
-        record, skipped = prepare(cfg, paths.PREPARED)
-    except DataError as exc:
-        raise SystemExit(f"prepare: {exc}") from None
+def main(_) -> None:
+    record, skipped = prepare(load_params().data, paths.PREPARED)
     side = record.image_size
     print(f"prepared {record.counts} images of {side}x{side} in {len(record.class_names)} classes")
     if skipped:
@@ -19,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("prepare", __doc__, main)

@@ -129,6 +129,27 @@ class Stacked:
         return out
 
 
+def progress(images: int, batch_size: int):
+    """A Keras callback: per batch, images/s and the time left (tqdm, as prepare and extract
+    show them); per epoch, one line with the losses and accuracies."""
+    import keras
+    from tqdm import tqdm
+
+    class Progress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.bar = tqdm(total=images, desc=f"epoch {epoch + 1}", unit="img", leave=False)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update(min(batch_size, images - self.bar.n))
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.bar.close()
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items() if k in METRICS)
+            print(f"epoch {epoch + 1}: {shown} ({self.bar.format_dict['elapsed']:.0f} s)")
+
+    return Progress()
+
+
 def _phases(assembly: Assembly, cfg: FinetuneConfig) -> list[tuple[bool, int]]:
     """(backbone trains, epochs) of LP-FT: the head alone, then the unfrozen layers with it."""
     phases = [(False, cfg.head_epochs), (bool(assembly.trainable_layers), cfg.epochs)]
@@ -165,8 +186,8 @@ def fit(
             validation_data=val,
             initial_epoch=epoch,
             epochs=epoch + epochs,
-            callbacks=[keep],
-            verbose="auto",
+            callbacks=[keep, progress(len(data["train"][1]), cfg.batch_size)],
+            verbose=0,
         )
         history = result.history
         ran = len(history.get("loss", []))
@@ -195,5 +216,11 @@ def refit(assembly: Assembly, images, labels: np.ndarray, cfg: FinetuneConfig, e
         if run <= 0:
             break
         _compile(assembly, backbone, cfg, len(train), length)
-        assembly.model.fit(train, initial_epoch=done, epochs=done + run, verbose="auto")
+        assembly.model.fit(
+            train,
+            initial_epoch=done,
+            epochs=done + run,
+            callbacks=[progress(len(labels), cfg.batch_size)],
+            verbose=0,
+        )
         done += run

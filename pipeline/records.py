@@ -15,8 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.errors import InputError
 
-class RecordError(RuntimeError):
+
+class RecordError(InputError, RuntimeError):
     """An artefact is missing, unreadable or stale; the message says what to run."""
 
 

@@ -7,22 +7,20 @@ It takes about a second and fails before DVC removes any other stage's outputs.
 """
 
 from pipeline import paths
-from pipeline.backbones import BackboneError, weights_identity
-from pipeline.config import ConfigError, load_params
-from pipeline.data import DataError, source_record
+from pipeline.backbones import weights_identity
+from pipeline.config import load_params
+from pipeline.data import source_record
 from pipeline.records import WeightsRecord
+from pipeline.stage import run_stage
 
 
-def main() -> None:
-    try:
-        params = load_params()
-        source = source_record(params.data)
-        bb = params.backbone
-        weights = WeightsRecord(
-            backbone=bb.name, weights=bb.weights, identity=weights_identity(bb.name, bb.weights)
-        )
-    except (ConfigError, DataError, BackboneError) as exc:
-        raise SystemExit(f"scan: {exc}") from None
+def main(_) -> None:
+    params = load_params()
+    source = source_record(params.data)
+    bb = params.backbone
+    weights = WeightsRecord(
+        backbone=bb.name, weights=bb.weights, identity=weights_identity(bb.name, bb.weights)
+    )
     source.write(paths.SOURCE_RECORD)
     weights.write(paths.WEIGHTS_RECORD)
     print(
@@ -31,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("scan", __doc__, main)

@@ -5,17 +5,14 @@ from pipeline import paths
 from pipeline.config import load_params
 from pipeline.leaderboard import select
 from pipeline.provenance import expected_features
-from pipeline.records import RecordError
+from pipeline.stage import run_stage
 from pipeline.store import open_features
 
 
-def main() -> None:
+def main(_) -> None:
     params = load_params()
-    try:
-        features = open_features(paths.FEATURES / "train.h5", expected_features(params))
-        best = select(params.train, params.select, features.fingerprint)
-    except RecordError as exc:
-        raise SystemExit(f"select: {exc}") from None
+    features = open_features(paths.FEATURES / "train.h5", expected_features(params))
+    best = select(params.train, params.select, features.fingerprint)
     print(f"selection: {best.selection_note}")
     print(
         f"best by the selection estimate: {best.cell} ({best.metric} {best.value:.4f}); "
@@ -26,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("select", __doc__, main)

@@ -1,26 +1,20 @@
-"""Stage `train` (one cell of the DVC matrix): `python -m pipeline.train --layer L --head H`."""
-
-import argparse
+"""Stage `train` (one head of the DVC matrix): `python -m pipeline.train --head H` fits the
+head on every layer in train.layers (default: every extracted layer)."""
 
 from pipeline.config import HEADS, load_params
 from pipeline.provenance import expected_features
-from pipeline.records import RecordError
-from pipeline.training import train_cell
+from pipeline.stage import run_stage
+from pipeline.training import train_head
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--layer", required=True, help="a layer cached in features/ (extract.layers)"
-    )
+def arguments(parser) -> None:
     parser.add_argument("--head", required=True, choices=HEADS)
-    args = parser.parse_args(argv)
+
+
+def main(args) -> None:
     params = load_params()
-    try:
-        train_cell(args.layer, args.head, params.train, expected_features(params))
-    except RecordError as exc:
-        raise SystemExit(f"train: {exc}") from None
+    train_head(args.head, params.train.layers, params.train, expected_features(params))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("train", __doc__, main, arguments)

@@ -1,4 +1,4 @@
-"""One cell of the train matrix: fit a head on one cached layer, save it, score it."""
+"""Train one head on every chosen cached layer: per layer (a cell) fit, save and score it."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def train_cell(
     metrics: Path = paths.TRAIN_METRICS,
 ) -> CellMetrics:
     """Train `head` on `layer` of the features (refused unless they match `expect`); write the
-    model directory models/<layer>-<head>/ (model + head.json) and metrics/<layer>-<head>.json.
+    model directory (model + head.json) and the cell's metrics (paths.cell_dir, cell_metrics).
 
     The selection estimate comes from cross-validation over train+val or from the val split
     (crossval.choose_selection); the test split is read only to score the saved model.
@@ -90,8 +90,8 @@ def train_cell(
     splits = open_splits(features, expect)
     train, val, test = splits["train"], splits["val"], splits["test"]
     train.check_layer(layer)
-    cell, kind = f"{layer}-{head}", kind_of(head)
-    out = Path(models) / cell
+    cell, kind = paths.cell(layer, head), kind_of(head)
+    out = paths.cell_dir(models, layer, head)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     width = train.widths[layer]
@@ -143,9 +143,24 @@ def train_cell(
         fit_seconds=round(fit_seconds, 3),
         model_sha256=record.model_sha256,
     )
-    result.write(Path(metrics) / f"{cell}.json")
+    result.write(paths.cell_metrics(metrics, layer, head))
     print(f"{cell}: {_summary(result)}, fit {fit_seconds:.2f} s")
     return result
+
+
+def train_head(
+    head: str,
+    layers: list[str],
+    cfg: TrainConfig,
+    expect: dict | None,
+    features: Path = paths.FEATURES,
+    models: Path = paths.HEADS,
+    metrics: Path = paths.TRAIN_METRICS,
+) -> list[CellMetrics]:
+    """Train `head` on each of `layers`; the head's folders hold these cells and nothing else."""
+    for root in (models, metrics):
+        shutil.rmtree(Path(root) / head, ignore_errors=True)
+    return [train_cell(layer, head, cfg, expect, features, models, metrics) for layer in layers]
 
 
 def _selection_fields(selection: Selection, fit: Fit) -> dict:

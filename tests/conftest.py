@@ -18,9 +18,9 @@ whole suite runs on a 2-core CPU without internet.
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -146,10 +146,16 @@ class Project:
             text=True,
         )
 
-    def main(self, stage: str) -> None:
-        """Run a stage's main() in this process (cwd must be self.root: the fixture does it)."""
+    def main(self, stage: str, *args: str) -> None:
+        """Run a stage as its command line does, in this process (cwd must be self.root: the
+        fixture does it); an error the user can fix exits with SystemExit."""
         assert Path.cwd() == self.root, "chdir into the project first"
-        importlib.import_module(f"pipeline.{stage}").main()
+        argv = sys.argv
+        sys.argv = [stage, *args]
+        try:
+            runpy.run_module(f"pipeline.{stage}", run_name="__main__", alter_sys=False)
+        finally:
+            sys.argv = argv
 
     @property
     def prepared(self) -> Path:

@@ -22,7 +22,7 @@ def test_repo_params_yaml_is_valid():
 def test_small_params_and_defaults():
     params = parse_params(SMALL_PARAMS)
     assert params.data.image_size == 32 and params.extract.batch_size == 16
-    assert parse_params({}) == Params()  # every key has a default
+    assert parse_params({}) == Params().resolved()  # every key has a default
 
 
 @pytest.mark.parametrize(
@@ -75,8 +75,34 @@ def test_small_params_and_defaults():
         ),
         (
             {"train": {"layers": ["block4_pool"]}},
-            ["train.layers ['block4_pool'] are not in extract.layers", "block2_pool, block5_pool"],
+            ["train.layers ['block4_pool'] are not extracted", "block2_pool, block5_pool"],
         ),
+        # layer names are checked against the backbone's table, with the closest names
+        (
+            {"extract": {"layers": {"block5_pol": "avg"}}},
+            [
+                "unknown layer 'block5_pol' for vgg16",
+                "did you mean block5_pool",
+                "layerwise layers",
+            ],
+        ),
+        (
+            {
+                "backbone": {"name": "resnet50"},
+                "extract": {"layers": "auto"},
+                "train": {"layers": ["conv5_block3_ou"]},
+            },
+            ["train.layers", "conv3_block4_out", "did you mean conv5_block3_out"],
+        ),
+        (
+            {"extract": {"layers": {"fc2": "none"}}},
+            ["'fc2' belongs to vgg16's classification top", "224x224", "image_size is 32"],
+        ),
+        (
+            {"data": {"image_size": 224}, "extract": {"layers": {"fc2": "avg"}}},
+            ["reduction 'avg' of fc2", "use none"],
+        ),
+        ({"data": {"image_size": 16}}, ["at least 32x32", "image_size is 16"]),
         ({"data": {"val_fraction": 1.5}}, ["data.val_fraction", "1.5"]),
         # unknown backbone: the accepted ones are listed
         (

@@ -11,7 +11,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import crossval, training
+from pipeline import crossval, paths, training
 from pipeline.config import TrainConfig
 from pipeline.crossval import ArrayFeatures, choose_selection, cross_validate, stopping_split
 from pipeline.heads import Plan
@@ -34,7 +34,7 @@ def features(tmp_path_factory):
 def run_cell(tmp_path, features, head="logreg", **train):
     cfg = TrainConfig(layers=["a"], heads=[head], **train)
     metrics = train_cell("a", head, cfg, None, features, tmp_path / "models", tmp_path / "metrics")
-    return metrics, tmp_path / "models" / f"a-{head}"
+    return metrics, paths.cell_dir(tmp_path / "models", "a", head)
 
 
 def labels(*counts: int) -> np.ndarray:

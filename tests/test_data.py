@@ -11,7 +11,7 @@ import pytest
 from conftest import SMALL_PARAMS, deep_merge, write_image
 from PIL import Image
 
-from pipeline.config import DataConfig, parse_params
+from pipeline.config import DataConfig
 from pipeline.data import DataError, decode_file, folder_source, load_source, prepare
 from pipeline.records import PreparedRecord, RecordError
 
@@ -28,7 +28,8 @@ GOOD_MODES = [  # file name, PIL mode, format
 
 
 def data_config(**kw) -> DataConfig:
-    return parse_params(deep_merge(SMALL_PARAMS, {"data": kw})).data
+    """The data section alone (any image size: no backbone reads it here)."""
+    return DataConfig.model_validate(deep_merge(SMALL_PARAMS["data"], kw))
 
 
 def write_bad_files(folder: Path) -> dict[str, str]:
@@ -55,7 +56,7 @@ def messy_folder(tmp_path, make_image_folder):
 def test_bad_images_reported_and_skipped(project, messy_folder):
     root, bad = messy_folder
     project.write_params(
-        data={"source": "folder", "path": str(root), "image_size": 16, "limit": None}
+        data={"source": "folder", "path": str(root), "image_size": 32, "limit": None}
     )
     project.main("scan")
     project.main("prepare")
@@ -70,7 +71,7 @@ def test_bad_images_reported_and_skipped(project, messy_folder):
 
     meta = json.loads((project.prepared / "meta.json").read_text())
     assert sum(meta["counts"].values()) == 20 + len(GOOD_MODES)  # every good file, no bad one
-    assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 16
+    assert meta["class_names"] == ["cat", "dog"] and meta["image_size"] == 32
     manifest = (project.prepared / "manifest.csv").read_text()
     for name, _, _ in GOOD_MODES:
         assert f'"cat/{name}"' in manifest
@@ -79,7 +80,7 @@ def test_bad_images_reported_and_skipped(project, messy_folder):
     for split in ("train", "val", "test"):
         images = np.load(project.prepared / f"{split}_images.npy")
         labels = np.load(project.prepared / f"{split}_labels.npy")
-        assert images.dtype == np.uint8 and images.shape[1:] == (16, 16, 3)
+        assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
         assert len(images) == len(labels) == meta["counts"][split]
 
 

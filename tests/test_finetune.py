@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -24,6 +25,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from pipeline import paths
 from pipeline.config import ConfigError, FinetuneConfig, parse_params
 from pipeline.data import load_split, prepare, source_record
 from pipeline.provenance import code_digest, expected_features, head_params
@@ -35,6 +37,7 @@ from pipeline.records import (
     WeightsRecord,
     file_sha256,
 )
+from pipeline.synthetic import write_features
 
 BACKBONE, LAYER, REDUCTION, UNFREEZE = "mobilenet_v2", "block_5_add", "avg", "block_4_expand"
 LINEAR = {
@@ -102,8 +105,8 @@ def world(tmp_path_factory):
 
 def save_head(world, heads_dir, head: str, model, kind: str = "sklearn"):
     """A trained head in the train stage's layout: model.joblib|model.keras + head.json."""
-    cell = f"{LAYER}-{head}"
-    directory = heads_dir / cell
+    cell = paths.cell(LAYER, head)
+    directory = paths.cell_dir(heads_dir, LAYER, head)
     directory.mkdir(parents=True, exist_ok=True)
     name = "model.joblib" if kind == "sklearn" else "model.keras"
     if kind == "sklearn":
@@ -133,7 +136,8 @@ def best_choice(heads_dir, cells: list[str], vals: list[float]) -> BestChoice:
     """models/best.json as select writes it, over trained heads in `heads_dir`."""
     ranking = []
     for cell, val in zip(cells, vals):
-        record = HeadRecord.read(heads_dir / cell / "head.json", "-")
+        folder = heads_dir / cell.rsplit("-", 1)[1] / cell
+        record = HeadRecord.read(folder / "head.json", "-")
         ranking.append(
             RankedCell(
                 cell=cell,
@@ -142,7 +146,7 @@ def best_choice(heads_dir, cells: list[str], vals: list[float]) -> BestChoice:
                 kind=record.kind,
                 val_accuracy=val,
                 val_macro_f1=val,
-                model=str(heads_dir / cell / record.model),
+                model=str(folder / record.model),
                 model_sha256=record.model_sha256,
             )
         )
@@ -151,7 +155,7 @@ def best_choice(heads_dir, cells: list[str], vals: list[float]) -> BestChoice:
         **{k: getattr(top, k) for k in ("cell", "layer", "head", "kind", "model")},
         metric="val_accuracy",
         value=top.val_accuracy,
-        features=HeadRecord.read(heads_dir / top.cell / "head.json", "-").features.digest,
+        features=HeadRecord.read(Path(top.model).parent / "head.json", "-").features.digest,
         selection="val",
         cv_folds=None,
         selection_note="the val split alone",
@@ -243,7 +247,8 @@ def test_keras_head_loads_its_trained_weights(world, tmp_path):
 
     trained = dense_head(world)
     cell = save_head(world, tmp_path, "dense", trained, kind="keras")
-    spec = HeadSpec(cell, tmp_path / cell, read_head(tmp_path / cell))
+    folder = paths.cell_dir(tmp_path, LAYER, "dense")
+    spec = HeadSpec(cell, folder, read_head(folder))
     model, frozen_predict = head_to_keras(spec, 10)
     feats = world["features"]["val"]
     np.testing.assert_allclose(
@@ -433,6 +438,14 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
 
 def test_disabled_stage_writes_stubs_fast_without_tensorflow(tmp_path):
     (tmp_path / "params.yaml").write_text("finetune:\n  enabled: false\n")
+    write_features(
+        tmp_path / "features",
+        {"a": 4},
+        {"train": 8, "val": 4, "test": 4},
+        n_classes=2,
+        backbone={"name": "resnet50", "weights": "x.weights.h5"},
+        weights_used="file:sha256:abc",
+    )
     check = (
         "import runpy, sys; runpy.run_module('pipeline.finetune', run_name='__main__'); "
         "heavy = {m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'sklearn', 'jax', 'torch'}; "
@@ -451,7 +464,8 @@ def test_disabled_stage_writes_stubs_fast_without_tensorflow(tmp_path):
     elapsed = time.perf_counter() - t0
     assert result.returncode == 0, result.stderr
     assert "disabled" in result.stdout and elapsed < 10
-    assert json.loads((tmp_path / "metrics" / "finetune.json").read_text())["enabled"] is False
+    report = json.loads((tmp_path / "metrics" / "finetune.json").read_text())
+    assert report == {"enabled": False, "backbone": "resnet50", "weights": "file:sha256:abc"}
     assert (
         json.loads((tmp_path / "models" / "finetuned" / "status.json").read_text())["enabled"]
         is False

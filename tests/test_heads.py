@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pipeline import paths
 from pipeline.config import TrainConfig
 from pipeline.records import CellMetrics, HeadRecord, RecordError, file_sha256
 from pipeline.store import FeatureStoreError, open_splits
@@ -40,7 +41,7 @@ def run_cell(tmp_path, features, layer, head, expect=None, **train):
     metrics = train_cell(
         layer, head, cfg, expect, features, tmp_path / "models", tmp_path / "metrics"
     )
-    return metrics, tmp_path / "models" / f"{layer}-{head}"
+    return metrics, paths.cell_dir(tmp_path / "models", layer, head)
 
 
 def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
@@ -48,7 +49,9 @@ def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
         tmp_path, features, "wide", "logreg", logreg={"C": 0.5, "max_iter": 500}, cv={"folds": 0}
     )
     assert metrics.fit_path == "memory" and metrics.selection == "val" and metrics.n_val == 160
-    assert CellMetrics.read(tmp_path / "metrics" / "wide-logreg.json", "-") == metrics
+    assert (
+        CellMetrics.read(paths.cell_metrics(tmp_path / "metrics", "wide", "logreg"), "-") == metrics
+    )
 
     splits = open_splits(features)
     x, y = splits["train"].read("wide"), splits["train"].labels
@@ -152,7 +155,7 @@ def test_cli_refuses_corrupt_features_with_a_clear_message(project, damage):
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--layer", "block5_pool", "--head", "logreg"],
+        [sys.executable, "-m", "pipeline.train", "--head", "logreg"],
         cwd=project.root,
         env=env,
         capture_output=True,

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from conftest import dvc_repo, ran, restored, sh
 
-LAYERS = ["block2_pool", "block5_pool"]
+from pipeline import paths
+
+LAYERS = ["block2_pool", "block5_pool"]  # VGG16's `extract.layers: auto` at 32 px
 HEADS = ["logreg", "knn"]
+TRAINED = {f"train@{head}" for head in HEADS}
 
 
 def leaderboard(project: Path) -> list[dict]:
@@ -23,9 +26,9 @@ def leaderboard(project: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    params = {"data": {"image_size": 32, "limit": 150}, "train": {"layers": LAYERS, "heads": HEADS}}
-    replace = {"extract.layers": dict.fromkeys(LAYERS, "avg")}
-    return dvc_repo(tmp_path_factory.mktemp("e2e") / "repo", params, replace)
+    """The committed params.yaml (extract.layers: auto, train.layers: null) at 32 px."""
+    params = {"data": {"image_size": 32, "limit": 150}, "train": {"heads": HEADS}}
+    return dvc_repo(tmp_path_factory.mktemp("e2e") / "repo", params)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +40,9 @@ def reproduced(project: Path) -> str:
 
 
 def test_repro_runs_every_stage_and_writes_the_leaderboard(project, reproduced):
-    cells = {f"train@{layer}-{head}" for layer in LAYERS for head in HEADS}
-    assert {"prepare", "extract", "select", "finetune", "evaluate"} | cells <= ran(reproduced)
+    assert {"prepare", "extract", "select", "finetune", "evaluate"} | TRAINED <= ran(reproduced)
     rows = leaderboard(project)
-    assert len(rows) == len(LAYERS) * len(HEADS)
+    assert {(r["layer"], r["head"]) for r in rows} == {(la, h) for la in LAYERS for h in HEADS}
     best = json.loads((project / "models" / "best.json").read_text())
     assert best["layer"] in LAYERS and best["head"] in HEADS
     # 30 val images < train.cv.when_val_under: every cell is ranked by 5-fold cross-validation
@@ -68,11 +70,11 @@ def test_repro_runs_every_stage_and_writes_the_leaderboard(project, reproduced):
     assert "disabled" in reproduced.lower()  # finetune says it did no work
 
 
-def test_head_experiment_reruns_only_the_changed_cells(project, reproduced):
+def test_head_experiment_reruns_only_the_changed_head(project, reproduced):
     output = sh(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "train.logreg.C=0.05")
     assert "Stage 'extract' didn't change, skipping" in output
     trained = {s for s in ran(output) if s.startswith("train@")}
-    assert trained == {f"train@{layer}-logreg" for layer in LAYERS}
+    assert trained == {"train@logreg"}
     assert "prepare" not in ran(output) and "extract" not in ran(output)
 
 
@@ -80,18 +82,19 @@ def test_a_cv_experiment_reruns_every_train_cell_but_not_extract(project, reprod
     output = sh(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "train.cv.folds=3")
     assert "Stage 'extract' didn't change, skipping" in output
     trained = {s for s in ran(output) if s.startswith("train@")}
-    assert trained == {f"train@{layer}-{head}" for layer in LAYERS for head in HEADS}
+    assert trained == TRAINED
     assert {r["cv_folds"] for r in leaderboard(project)} == {"3"}
 
 
-def test_layer_experiment_trains_nothing_new_and_ranks_one_layer(project, reproduced):
+def test_layer_experiment_extracts_nothing_and_ranks_one_layer(project, reproduced):
     output = sh(
         project, sys.executable, "-m", "dvc", "exp", "run", "-S", "train.layers=[block5_pool]"
     )
     assert "Stage 'extract' didn't change, skipping" in output
-    assert not {s for s in ran(output) if s.startswith("train@")}
-    rows = (project / "reports" / "leaderboard.csv").read_text().strip().splitlines()
-    assert len(rows) - 1 == len(HEADS)
+    assert {s for s in ran(output) if s.startswith("train@")} == TRAINED
+    assert {(r["layer"], r["head"]) for r in leaderboard(project)} == {
+        ("block5_pool", h) for h in HEADS
+    }
 
 
 def test_returning_to_an_earlier_backbone_restores_every_stage_from_the_run_cache(
@@ -105,14 +108,17 @@ def test_returning_to_an_earlier_backbone_restores_every_stage_from_the_run_cach
     vgg19_best = (project / "models" / "best.json").read_text()
     output = sh(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "backbone.name=vgg16")
     assert "Stage 'extract' is cached - skipping run, checking out outputs" in output
-    cells = {f"train@{layer}-{head}" for layer in LAYERS for head in HEADS}
-    assert cells | {"extract", "select", "evaluate"} <= restored(output)
+    assert TRAINED | {"extract", "select", "evaluate"} <= restored(output)
     assert ran(output) == {"scan"}  # only the always-run check of params and inputs
     best = json.loads((project / "models" / "best.json").read_text())
     assert best["features"] != json.loads(vgg19_best)["features"]
-    for cell in cells:
-        metrics = json.loads((project / "metrics" / "train" / f"{cell[6:]}.json").read_text())
-        assert metrics["backbone"] == "vgg16"
+    for layer in LAYERS:
+        for head in HEADS:
+            path = paths.cell_metrics(project / paths.TRAIN_METRICS, layer, head)
+            assert json.loads(path.read_text())["backbone"] == "vgg16"
+    for name in ("select.json", "test.json", "finetune.json"):
+        metrics = json.loads((project / "metrics" / name).read_text())
+        assert (metrics["backbone"], metrics["weights"]) == ("vgg16", "random")
 
 
 def test_finetune_enabled_reports_frozen_and_finetuned_side_by_side(project, reproduced):

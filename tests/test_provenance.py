@@ -113,8 +113,7 @@ def test_features_copied_back_from_other_params_are_refused_by_every_reader(extr
     """Features of another reduction, copied over the current ones, are refused by train,
     select and evaluate, naming the param."""
     project = extracted
-    for layer in ("block2_pool", "block5_pool"):
-        project.run("train", args=["--layer", layer, "--head", "logreg"])
+    project.run("train", args=["--head", "logreg"])
     for stage in ("select", "finetune", "evaluate"):
         project.run(stage)
     saved = project.root / "avg-features"
@@ -125,7 +124,7 @@ def test_features_copied_back_from_other_params_are_refused_by_every_reader(extr
     shutil.rmtree(project.features)
     shutil.copytree(saved, project.features)
     for stage in ("train", "select", "evaluate"):
-        args = ["--layer", "block5_pool", "--head", "logreg"] if stage == "train" else []
+        args = ["--head", "logreg"] if stage == "train" else []
         result = subprocess.run(
             [sys.executable, "-m", f"pipeline.{stage}", *args],
             cwd=project.root,

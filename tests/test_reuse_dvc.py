@@ -38,13 +38,13 @@ def test_image_size_a_then_b_then_a_through_dvc_exp_run(tmp_path):
     assert images_side(root) == 32
 
     output = dvc(root, "exp", "run", "-S", "data.image_size=40")
-    assert {"prepare", "extract", "train@block5_pool-logreg"} <= ran(output)
+    assert {"prepare", "extract", "train@logreg"} <= ran(output)
     assert images_side(root) == 40
     fp = json.loads(sh(root, sys.executable, "-c", PRINT_FINGERPRINT))
     assert fp["image_size"] == 40
 
     output = dvc(root, "exp", "run", "-S", "data.image_size=32")
-    assert {"prepare", "extract", "train@block5_pool-logreg"} <= restored(output)
+    assert {"prepare", "extract", "train@logreg"} <= restored(output)
     assert images_side(root) == 32
     fp = json.loads(sh(root, sys.executable, "-c", PRINT_FINGERPRINT))
     assert fp["image_size"] == 32
@@ -54,8 +54,9 @@ PRINT_FINGERPRINT = "import h5py; print(h5py.File('features/train.h5')['/'].attr
 
 
 def test_a_param_that_would_escape_the_repo_fails_before_dvc_deletes_anything(tmp_path):
-    """Matrix values become output paths and DVC removes outputs before a stage runs: the
-    `scan` stage refuses the params first, in seconds, and nothing outside is touched."""
+    """Layer names become output paths (models/heads/<head>/<layer>-<head>) and DVC removes
+    outputs before a stage runs: the `scan` stage refuses the params first, in seconds, and
+    nothing outside is touched."""
     root = dvc_repo(tmp_path / "repo", SMALL, ONE_LAYER)
     victim = tmp_path / "x-logreg"
     victim.mkdir()
@@ -74,7 +75,7 @@ def test_folder_source_changes_rerun_prepare(tmp_path, make_image_folder):
     from conftest import write_image
 
     folder = make_image_folder(tmp_path / "photos", {"cat": 8, "dog": 8, "owl": 8})
-    params = {**SMALL, "data": {"source": "folder", "path": str(folder), "image_size": 16}}
+    params = {**SMALL, "data": {"source": "folder", "path": str(folder), "image_size": 32}}
     root = dvc_repo(tmp_path / "repo", params, {"data.limit": None, **ONE_LAYER})
     assert "prepare" in ran(dvc(root, "repro", "prepare"))
     counts = json.loads((root / "data" / "prepared" / "meta.json").read_text())["counts"]

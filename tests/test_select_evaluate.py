@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from pipeline import paths
 from pipeline.config import SelectConfig, TrainConfig
 from pipeline.evaluation import evaluate
 from pipeline.leaderboard import SelectError, select
@@ -28,11 +29,12 @@ def fake_cell(
 ):
     """metrics/train/<cell>.json and models/heads/<cell>/ as a train cell writes them: the
     estimate by `folds`-fold cross-validation over 100 images (folds None: the val split)."""
-    cell, kind = f"{layer}-{head}", "keras" if head == "dense" else "sklearn"
+    cell, kind = paths.cell(layer, head), "keras" if head == "dense" else "sklearn"
     model = "model.keras" if kind == "keras" else "model.joblib"
-    (root / "heads" / cell).mkdir(parents=True, exist_ok=True)
-    (root / "heads" / cell / model).write_text(f"model of {cell}")
-    sha = file_sha256(root / "heads" / cell / model)
+    folder = paths.cell_dir(root / "heads", layer, head)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / model).write_text(f"model of {cell}")
+    sha = file_sha256(folder / model)
     CellMetrics(
         layer=layer,
         head=head,
@@ -57,7 +59,7 @@ def fake_cell(
         test_macro_f1=test,
         fit_seconds=fit,
         model_sha256=sha,
-    ).write(root / "metrics" / f"{cell}.json")
+    ).write(paths.cell_metrics(root / "metrics", layer, head))
     HeadRecord(
         cell=cell,
         layer=layer,
@@ -73,7 +75,7 @@ def fake_cell(
         fit_path="memory",
         fit_on="train" if folds is None else "train+val",
         code=TRAIN_CODE,
-    ).write(root / "heads" / cell / "head.json")
+    ).write(folder / "head.json")
 
 
 def run_select(root, layers, heads, metric="val_accuracy"):
@@ -124,11 +126,12 @@ def test_leaderboard_rows_are_the_current_layers_x_heads(tmp_path):
     first_expressible = next(i for i, r in enumerate(rows) if r["head"] in ("logreg", "dense"))
     assert [r.cell for r in best.ranking] == [r["cell"] for r in rows[: first_expressible + 1]]
     assert best.model.endswith(
-        f"heads/{best.cell}/" + ("model.keras" if best.head == "dense" else "model.joblib")
+        f"heads/{best.head}/{best.cell}/"
+        + ("model.keras" if best.head == "dense" else "model.joblib")
     )
     summary = json.loads((tmp_path / "select.json").read_text())
     assert summary["best_cell"] == best.cell == rows[0]["cell"]
-    assert summary["val_accuracy_by_layer"] == {
+    assert summary["by_layer"] == {
         la: max(float(r["val_accuracy"]) for r in rows if r["layer"] == la) for la in layers
     }
 
@@ -157,7 +160,7 @@ def test_best_json_holds_digests_of_the_models_finetuning_may_read(tmp_path):
     best = run_select(tmp_path, ["a"], list(vals))
     # down the ranking to the first head Keras can express (logreg), and no further
     assert [r.cell for r in best.ranking] == ["a-knn", "a-random_forest", "a-logreg"]
-    model = tmp_path / "heads" / "a-logreg" / "model.joblib"
+    model = paths.cell_dir(tmp_path / "heads", "a", "logreg") / "model.joblib"
     assert best.ranking[-1].model_sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
@@ -216,7 +219,7 @@ def test_every_head_has_a_place_in_the_tie_rule():
 
 def test_missing_or_mismatched_cells_are_reported(tmp_path):
     fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
-    with pytest.raises(RecordError, match=r"a-knn\.json not found: run `dvc repro train@a-knn`"):
+    with pytest.raises(RecordError, match=r"knn/a-knn\.json not found: run `dvc repro train@knn`"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
     other = synthetic_fingerprint(["a", "b"], backbone={"name": "vgg19", "weights": "random"})
     fake_cell(tmp_path, "a", "knn", 0.9, 0.9, features=other)
@@ -230,12 +233,14 @@ def test_a_replaced_model_file_is_refused_before_it_is_read(tmp_path):
     fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
     fake_cell(tmp_path, "a", "knn", 0.8, 0.8)
     run_select(tmp_path, ["a"], ["logreg", "knn"])
-    shutil.copy(tmp_path / "heads" / "a-knn" / "model.joblib", tmp_path / "heads" / "a-logreg")
+    heads = tmp_path / "heads"
+    shutil.copy(heads / "knn" / "a-knn" / "model.joblib", heads / "logreg" / "a-logreg")
     with pytest.raises(RecordError, match=r"a-logreg/model.joblib is not the model its head.json"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
     # the metrics of another cell copied in place are refused too
     fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
-    shutil.copy(tmp_path / "metrics" / "a-knn.json", tmp_path / "metrics" / "a-logreg.json")
+    metrics = tmp_path / "metrics"
+    shutil.copy(metrics / "knn" / "a-knn.json", metrics / "logreg" / "a-logreg.json")
     with pytest.raises(SelectError, match=r"a-logreg.json does not score the model"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
 
@@ -277,7 +282,9 @@ def run_evaluate():
 def test_evaluate_scores_the_best_frozen_head_and_writes_plots(trained):
     best = json.loads((trained / "models" / "best.json").read_text())
     result = run_evaluate()
-    cell_metrics = json.loads((trained / "metrics" / "train" / f"{best['cell']}.json").read_text())
+    cell_metrics = json.loads(
+        paths.cell_metrics(trained / "metrics" / "train", best["layer"], best["head"]).read_text()
+    )
     assert result == json.loads((trained / "metrics" / "test.json").read_text())
     assert "finetuned" not in result
     assert result["frozen"]["cell"] == best["cell"] and result["frozen"]["n_test"] == 90
@@ -336,7 +343,7 @@ def test_evaluate_refuses_features_the_head_was_not_trained_on(trained):
 
 def test_evaluate_refuses_a_best_model_replaced_after_select(trained):
     best = json.loads((trained / "models" / "best.json").read_text())
-    heads = trained / "models" / "heads"
+    heads = trained / "models" / "heads" / "logreg"
     other = next(c for c in ("a-logreg", "b-logreg") if c != best["cell"])
     shutil.copy(heads / other / "model.joblib", heads / best["cell"] / "model.joblib")
     with pytest.raises(RecordError, match=r"model.joblib is not the model its head.json records"):
