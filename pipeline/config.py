@@ -42,6 +42,11 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     on_bad_image: Literal["skip", "fail"] = "skip"
+    decode_workers: int | None = Field(None, ge=1)  # None: every core; not in the provenance
+
+    def provenance(self) -> dict:
+        """The params that decide the prepared arrays (not how many threads decode them)."""
+        return self.model_dump(mode="json", exclude={"decode_workers"})
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -80,8 +85,14 @@ class BackboneConfig(_Section):
 class ExtractConfig(_Section):
     layers: Literal["auto"] | dict[str, str] = "auto"  # auto: the backbone's suggested layers
     batch_size: int = Field(32, ge=1)
+    memory_mb: int = Field(512, ge=16)  # images and outputs in flight; not in the fingerprint
     storage_dtype: Literal["float16", "float32"] = "float16"
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+
+    def provenance(self) -> dict:
+        """The params that decide the features (not how much is in flight while computing
+        them: a run killed for memory resumes under a lower budget)."""
+        return self.model_dump(mode="json", exclude={"memory_mb"})
 
     @field_validator("layers")
     @classmethod

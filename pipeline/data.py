@@ -312,6 +312,8 @@ def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
         raise ValueError("empty file (0 bytes)")
     try:
         with Image.open(path) as img:
+            # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers size x size
+            img.draft(img.mode, (size, size))
             img.load()
             return resize(ImageOps.exif_transpose(img), size, interpolation)
     except UnidentifiedImageError:
@@ -320,10 +322,18 @@ def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
         raise ValueError(f"unreadable or truncated image: {exc}") from None
 
 
-def decode_split(name: str, split: Split, cfg: DataConfig, workers: int = 4) -> Iterator[tuple]:
+def decode_workers(cfg: DataConfig) -> int:
+    """data.decode_workers, or every core this process may use."""
+    if cfg.decode_workers:
+        return cfg.decode_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def decode_split(name: str, split: Split, cfg: DataConfig) -> Iterator[tuple]:
     """Decode and resize a split once, in order: (index, image, None) for each usable item,
-    (index, None, reason) for each unusable file."""
-    size = cfg.image_size
+    (index, None, reason) for each unusable file. Files are decoded on decode_workers threads
+    (PIL releases the GIL while it decodes and resizes)."""
+    size, workers = cfg.image_size, decode_workers(cfg)
     if split.images is not None:
         for i, a in enumerate(tqdm(split.images, desc=f"resize {name}", unit="img", leave=False)):
             yield i, resize(Image.fromarray(np.asarray(a, np.uint8)), size, cfg.interpolation), None
@@ -338,7 +348,12 @@ def decode_split(name: str, split: Split, cfg: DataConfig, workers: int = 4) -> 
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(work, split.paths)
         for i, (img, reason) in enumerate(
-            tqdm(results, total=len(split.paths), desc=f"decode {name}", unit="img")
+            tqdm(
+                results,
+                total=len(split.paths),
+                desc=f"decode {name} ({workers} threads)",
+                unit="img",
+            )
         ):
             yield i, img, reason
 
@@ -433,7 +448,7 @@ def _write_prepared(cfg, out: Path, class_names, splits, source, code):
         json.dumps({"skipped": skipped, "n_skipped": len(skipped)}, indent=2) + "\n"
     )
     record = PreparedRecord(
-        data=cfg.model_dump(mode="json"),
+        data=cfg.provenance(),
         source=source.digest,
         code=code,
         class_names=class_names,

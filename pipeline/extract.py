@@ -42,6 +42,7 @@ def main(_) -> None:
         paths.FEATURES,
         paths.EXTRACT_SCRATCH,
         ex.batch_size,
+        ex.memory_mb,
     )
     print(f"wrote {paths.FEATURES}/{{train,val,test}}.h5")
 

@@ -20,6 +20,7 @@ from pipeline.data import load_split
 from pipeline.forward import forward_for
 from pipeline.records import Fingerprint, PreparedRecord, file_sha256
 from pipeline.store import SPLITS, ChunkWriter, FeatureStoreError, open_features
+from pipeline.stream import Budget, run_stream
 
 LOCK_WAIT_S = 5
 
@@ -33,12 +34,6 @@ def versions() -> dict:
         "backend": keras.backend.backend(),
         "h5py": h5py.__version__,
     }
-
-
-def rows_per_chunk(widths: dict[str, int], itemsize: int, batch_size: int) -> int:
-    row_bytes = sum(widths.values()) * itemsize
-    batches = max(1, store.TARGET_CHUNK_BYTES // max(1, row_bytes * batch_size))
-    return batches * batch_size
 
 
 def _lock(scratch_root: Path, key: str) -> FileLock:
@@ -69,8 +64,10 @@ def extract_split(
     scratch: Path,
     desc: str = "extract",
     images_sha256: tuple[Path, str] | None = None,
+    memory_mb: int = 512,
 ) -> None:
-    """Stream `images` through `model` into `out`, resuming from the chunks in `scratch`.
+    """Stream `images` through `model` into `out`, resuming from the chunks in `scratch`;
+    reading, the forward pass and writing overlap within `memory_mb` (stream.run_stream).
 
     `images_sha256` (file, digest): the images' file is hashed while the model runs, and the
     features are refused (and their chunks dropped) if it does not match.
@@ -78,24 +75,30 @@ def extract_split(
     layers = list(fingerprint.layers)
     storage_dtype = fingerprint.extract["storage_dtype"]
     widths = {layer: int(o.shape[-1]) for layer, o in zip(layers, model.outputs)}
-    chunk = rows_per_chunk(widths, np.dtype(storage_dtype).itemsize, batch_size)
-    writer = ChunkWriter(scratch, widths, storage_dtype, chunk)
+    budget = Budget.plan(
+        memory_mb,
+        batch_size,
+        image_bytes=int(np.prod(images.shape[1:])) * images.dtype.itemsize,
+        row_bytes=sum(widths.values()) * np.dtype(storage_dtype).itemsize,
+        max_chunk=store.TARGET_CHUNK_BYTES,
+    )
+    writer = ChunkWriter(scratch, widths, storage_dtype)
     n = len(images)
     done = writer.rows_done()
     forward = forward_for(model, batch_size, storage_dtype)
     with (
         tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar,
-        ThreadPoolExecutor(2) as io,
+        ThreadPoolExecutor(1) as hashing,
     ):
-        check = io.submit(file_sha256, images_sha256[0]) if images_sha256 else None
-        pending = None
-        for start in range(done, n, chunk):
-            outputs = forward.run(images[start : start + chunk], bar.update)
-            if pending is not None:
-                pending.result()
-            pending = io.submit(writer.write, start, dict(zip(layers, outputs)))
-        if pending is not None:
-            pending.result()
+        check = hashing.submit(file_sha256, images_sha256[0]) if images_sha256 else None
+        run_stream(
+            lambda i, j: np.asarray(images[i:j]),
+            range(done, n, batch_size),
+            forward.stream,
+            lambda first, outputs: writer.write(first, dict(zip(layers, outputs))),
+            budget,
+            bar.update,
+        )
         if check is not None and check.result() != images_sha256[1]:
             shutil.rmtree(scratch, ignore_errors=True)
             raise _changed_since_prepare(images_sha256[0])
@@ -124,6 +127,7 @@ def extract_all(
     out_dir: Path,
     scratch_root: Path,
     batch_size: int,
+    memory_mb: int = 512,
 ) -> None:
     """Extract train, val and test into `out_dir`; resumable at chunk and split granularity."""
     scratch_root = Path(scratch_root)
@@ -131,13 +135,13 @@ def extract_all(
     key = fingerprint.key
     lock = _lock(scratch_root, key)
     try:
-        lock.acquire(timeout=LOCK_WAIT_S)
+        held = lock.acquire(timeout=LOCK_WAIT_S)
     except Timeout:
         raise FeatureStoreError(
             f"another extract of the same features holds {lock.lock_file}; wait for it to "
             "finish, then run `dvc repro extract`"
         ) from None
-    with lock:
+    with held:  # released once on exit (`with lock:` would acquire a second time)
         remove_abandoned(scratch_root, key)
         work = scratch_root / key
         for split in SPLITS:
@@ -160,6 +164,7 @@ def extract_all(
                 work / split,
                 desc=split,
                 images_sha256=(images.path, prepared.sha256[images.path.name]),
+                memory_mb=memory_mb,
             )
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Iterable, Iterator
 
 import keras
 import numpy as np
@@ -62,30 +63,31 @@ class Forward:
     def _fetch(self, pending) -> list[np.ndarray]:
         return [np.asarray(o).astype(self.out_dtype, copy=False) for o in pending]
 
-    def run(self, images: np.ndarray, done=None) -> list[np.ndarray]:
-        """Outputs for every image, one array per model output, in input order; `done(n)` is
-        called as each batch of n images comes back."""
+    def stream(self, batches: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """The outputs of each batch (one array per model output), in order; a batch shorter
+        than batch_size is padded for the fixed shape and its outputs cut back. One batch is
+        dispatched ahead of the one being copied back."""
         in_flight: deque = deque()
-        parts: list[list[np.ndarray]] = []
-
-        def collect():
-            pending, n = in_flight.popleft()
-            parts.append([o[:n] for o in self._fetch(pending)])
-            if done:
-                done(n)
-
-        for start in range(0, len(images), self.batch_size):
-            batch = np.asarray(images[start : start + self.batch_size])
+        for batch in batches:
             n = len(batch)
             if n < self.batch_size:
                 pad = np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)
                 batch = np.concatenate([batch, pad])
             in_flight.append((self._submit(batch), n))
             if len(in_flight) > 1:
-                collect()
+                pending, m = in_flight.popleft()
+                yield [o[:m] for o in self._fetch(pending)]
         while in_flight:
-            collect()
-        return [np.concatenate(p) for p in zip(*parts)]
+            pending, m = in_flight.popleft()
+            yield [o[:m] for o in self._fetch(pending)]
+
+    def run(self, images: np.ndarray) -> list[np.ndarray]:
+        """Outputs for every image, one array per model output, in input order."""
+        batches = (
+            np.asarray(images[i : i + self.batch_size])
+            for i in range(0, len(images), self.batch_size)
+        )
+        return [np.concatenate(p) for p in zip(*self.stream(batches))]
 
 
 @functools.lru_cache(maxsize=4)

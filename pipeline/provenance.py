@@ -108,7 +108,7 @@ def scanned_weights(params: Params, scan: Path = paths.SCAN) -> WeightsRecord:
 
 def expected_prepared(params: Params, source: SourceRecord) -> dict:
     return {
-        "data": params.data.model_dump(mode="json"),
+        "data": params.data.provenance(),
         "source": source.digest,
         "code": code_digest("prepare"),
     }
@@ -132,7 +132,7 @@ def expected_features(
     return {
         "backbone": params.backbone.model_dump(mode="json"),
         "weights": scanned_weights(params, scan).identity,
-        "extract": params.extract.model_dump(mode="json"),
+        "extract": params.extract.provenance(),
         "data": prepared.digest,
         "code": code_digest("extract"),
     }

@@ -52,12 +52,11 @@ def disk_full(path: Path, needed: int | None = None) -> FeatureStoreError:
 class ChunkWriter:
     """Streams rows of several named arrays into chunk files; resumes after a crash."""
 
-    def __init__(self, scratch: Path, widths: dict[str, int], dtype: str, rows_per_chunk: int):
+    def __init__(self, scratch: Path, widths: dict[str, int], dtype: str):
         self.scratch = Path(scratch)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.widths = widths
         self.dtype = np.dtype(dtype)
-        self.rows_per_chunk = rows_per_chunk
 
     def _path(self, start: int) -> Path:
         return self.scratch / f"chunk_{start:010d}.npz"

@@ -57,7 +57,7 @@ def write_features(
         if split == "train" and sort_train:
             labels = np.sort(labels)
         scratch = Path(directory) / ".scratch" / split
-        writer = ChunkWriter(scratch, widths, fp.extract["storage_dtype"], block_rows)
+        writer = ChunkWriter(scratch, widths, fp.extract["storage_dtype"])
         for start in range(0, n, block_rows):
             y = labels[start : start + block_rows]
             z = centers[y] + rng.normal(size=(len(y), 16))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -299,3 +300,62 @@ def test_keras_dataset_from_the_keras_cache(offline, monkeypatch):
     assert all(i.startswith("test:") for i in splits["test"].ids)
     names, limited = load_source(data_config(source="mnist", limit=125))
     assert sum(len(s.labels) for s in limited.values()) == 125
+
+
+# ---------------------------------------------------------------- decoding speed
+
+
+def test_decoding_uses_every_core_unless_capped(monkeypatch, tmp_path):
+    """decode_split runs decode_workers files at once (default: every core)."""
+    import threading
+    import time
+
+    from pipeline import data
+    from pipeline.data import Split, decode_split
+
+    active, most, lock = [0], [0], threading.Lock()
+
+    def slow_decode(path, size, interpolation):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return np.zeros((size, size, 3), np.uint8)
+
+    monkeypatch.setattr(data, "decode_file", slow_decode)
+    files = [tmp_path / f"{i}.jpg" for i in range(12)]
+    split = Split(labels=np.zeros(12, np.int64), paths=files, ids=[f.name for f in files])
+    assert len(list(decode_split("t", split, data_config(decode_workers=3)))) == 12
+    assert most[0] == 3
+    assert data.decode_workers(data_config()) == len(os.sched_getaffinity(0))
+
+
+def test_large_jpegs_are_decoded_in_draft_mode(tmp_path, monkeypatch):
+    """A 1600x1200 JPEG wanted at 64 px is decoded at 1/8 scale (200x150), and the result is
+    within a few grey levels of a full decode resized the same way."""
+    from PIL import JpegImagePlugin
+
+    from pipeline.data import decode_file, resize
+
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 255, (12, 16, 3)).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(smooth).resize((1600, 1200), Image.BICUBIC).save(path, quality=95)
+    sizes = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = draft(self, mode, size)
+        sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    fast = decode_file(path, 64, "bilinear")
+    assert sizes == [(200, 150)]
+    with Image.open(path) as img:
+        img.load()
+        full = resize(img, 64, "bilinear")
+    assert fast.shape == full.shape == (64, 64, 3)
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3

@@ -215,7 +215,7 @@ def test_resume_after_crash_recomputes_only_the_rest(tmp_path, small_chunks, rng
         )
     assert not list(tmp_path.rglob("*.h5"))  # no features file, not even a partial one
     chunk_dir = scratch / fingerprint_for(layers).key / "train"
-    writer = ChunkWriter(chunk_dir, {k: 1 for k in layers}, "float32", 4)
+    writer = ChunkWriter(chunk_dir, {k: 1 for k in layers}, "float32")
     assert writer.rows_done() == 8  # chunks [0, 4) and [4, 8) finished before the crash
 
     # a half-written leftover after the last good chunk is dropped, not trusted

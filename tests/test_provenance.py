@@ -164,7 +164,7 @@ class Reader:
 
     def __init__(self, images, crash_at=None):
         self.images, self.crash_at, self.rows = images, crash_at, 0
-        self.path = images.path
+        self.path, self.shape, self.dtype = images.path, images.shape, images.dtype
 
     def __len__(self):
         return len(self.images)
