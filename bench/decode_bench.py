@@ -1,7 +1,7 @@
 """Decoding speed of prepare on real JPEG photographs of at least one megapixel.
 
 The photo is scikit-image's `retina.jpg` (1411x1411, 2.0 MP; install scikit-image beside the
-project), copied --images times. Rows: plain PIL (open, RGB, resize) on one thread; the
+project, or give the file with --photo), copied --images times. Rows: plain PIL (open, RGB, resize) on one thread; the
 project's `data.decode_file` (JPEG draft mode, then the same resize) on one thread; and the
 project's threaded decoding (`data.decode_split`) on 1, 2, ... every core. Each row prints
 images/s and images/s per thread.
@@ -25,10 +25,11 @@ from pipeline.config import DataConfig
 from pipeline.data import Split, decode_file, decode_split
 
 
-def photo() -> Path:
-    import skimage
+def photo(path: Path | None) -> Path:
+    if path is None:
+        import skimage
 
-    path = Path(skimage.__file__).parent / "data" / "retina.jpg"
+        path = Path(skimage.__file__).parent / "data" / "retina.jpg"
     with Image.open(path) as img:
         assert img.format == "JPEG" and img.size[0] * img.size[1] >= 1_000_000, img.size
     return path
@@ -60,12 +61,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--photo", type=Path, help="a JPEG of at least one megapixel")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
+    source = photo(args.photo)
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(tmp) / f"{i:05d}.jpg" for i in range(args.images)]
         for f in files:
-            shutil.copy(photo(), f)
+            shutil.copy(source, f)
         rows = [
             ("plain PIL, 1 thread", 1, rate(lambda f: plain_pil(f, args.size), files)),
             (
@@ -75,16 +78,11 @@ def main() -> None:
             ),
         ]
         for workers in sorted({1, 2, cores}):
-            rows.append(
-                (
-                    f"project decode_split, {workers} threads",
-                    workers,
-                    threaded_rate(files, args.size, workers),
-                )
-            )
-    print(
-        f"\n{args.images} x retina.jpg (1411x1411 JPEG) -> {args.size}x{args.size}, {cores} cores\n"
-    )
+            speed = threaded_rate(files, args.size, workers)
+            rows.append((f"project decode_split, {workers} threads", workers, speed))
+    with Image.open(source) as img:
+        side = "x".join(map(str, img.size))
+    print(f"\n{args.images} x {source.name} ({side} JPEG) -> {args.size} px, {cores} cores\n")
     print("| row | images/s | per thread |")
     print("|---|---:|---:|")
     for name, workers, r in rows:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The benchmark table on a GPU host that has JAX but no TensorFlow, Keras or DVC, in about
+# 6 minutes: the extract rows of bench/extract_bench.py (bf16 matmul ceiling, device-only
+# forward, the project's extract end to end, bare predict, the naive way, peak memory) at
+# 224 px, then decode images/s. Python packages the host lacks come from wheels in .whl/,
+# and the decode photo is .whl/retina.jpg; on the machine that prepares the run:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     -d .whl keras namex optree pydantic pydantic-core annotated-types typing-inspection \
+#     filelock ruamel.yaml
+#   cp "$(python3 -c 'import skimage, os; print(os.path.dirname(skimage.__file__))')/data/retina.jpg" .whl/
+#
+# then on the GPU host, from the repository root: bash bench/gpu_bench.sh
+# IMAGES, SIZE, BATCH and PRECISION override the defaults (10000, 224, 256, mixed_bfloat16).
+set -euo pipefail
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+export KERAS_BACKEND="${KERAS_BACKEND:-jax}" TQDM_DISABLE=1
+python3 -c "import jax; print('devices:', jax.devices())"
+timeout 300 python3 bench/extract_bench.py --size "${SIZE:-224}" --images "${IMAGES:-10000}" \
+  --batch-size "${BATCH:-256}" --precision "${PRECISION:-mixed_bfloat16}" --repeats 1
+photo=()
+[ -f .whl/retina.jpg ] && photo=(--photo .whl/retina.jpg)
+timeout 60 python3 bench/decode_bench.py --images 300 "${photo[@]}"
