@@ -56,6 +56,8 @@ def assemble(
     head,
     unfreeze: str | None,
     augment: bool,
+    min_scale: float = 0.5,
+    vflip: bool = False,
 ) -> Assembly:
     """Images -> preprocess -> [augment] -> backbone up to `layer` -> reduction -> head.
 
@@ -99,7 +101,7 @@ def assemble(
     for lyr in trunk.layers[:start]:
         if isinstance(lyr, keras.layers.Dropout):
             lyr.rate = 0.0  # Dropout is the identity at inference, so this changes no prediction
-    augment = RandomResizedCropFlip(seed=SEED, name="augment") if augment else None
+    augment = RandomResizedCropFlip(min_scale, SEED, vflip, name="augment") if augment else None
     images, (reduced,) = reduced_features(backbone_name, trunk, {layer: reduction}, augment)
     probs = head(reduced)
     if keras.backend.standardize_dtype(probs.dtype) != "float32":

@@ -215,10 +215,14 @@ class FinetuneConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     head_epochs: int = Field(2, ge=0)
     warmup_epochs: float = Field(1, ge=0)
-    epochs: int = Field(10, ge=1)
-    patience: int = Field(5, ge=1)
+    epochs: int = Field(20, ge=1)
+    patience: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
-    augment: bool = False
+    augment: bool = True
+    augment_min_scale: float = Field(1.0, gt=0, le=1)
+    augment_vflip: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    l2sp: float = Field(0.0, ge=0)
     # auto: mixed_bfloat16 on a GPU with bf16 support, float32 elsewhere
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
 

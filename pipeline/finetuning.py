@@ -164,7 +164,17 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
                 f"on features of {spec.record.features.weights_used}: run `dvc repro`"
             )
         layer, reduction = spec.layer, spec.record.reduction
-        return assemble(model, backbone.name, layer, reduction, head, cfg.unfreeze, cfg.augment)
+        return assemble(
+            model,
+            backbone.name,
+            layer,
+            reduction,
+            head,
+            cfg.unfreeze,
+            cfg.augment,
+            cfg.augment_min_scale,
+            cfg.augment_vflip,
+        )
 
     assembly = assembled(start.model)
     weights_used = spec.record.features.weights_used

@@ -504,6 +504,19 @@ def test_an_epoch_tied_on_accuracy_with_lower_loss_beats_the_start():
     assert keep.best_epoch == 1  # one image fewer is worse, whatever the loss
 
 
+def test_with_label_smoothing_ties_are_broken_by_the_plain_cross_entropy():
+    import keras
+
+    from pipeline.recipe import keep_best
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    keep = keep_best({"val_accuracy": 0.5, "val_loss": 0.36}, patience=2, n_val=10)
+    keep.set_model(model)
+    keep.on_train_begin()
+    keep.on_epoch_end(0, {"val_accuracy": 0.5, "val_loss": 0.6, "val_ce": 0.3})
+    assert keep.best_epoch == 1  # the smoothed loss (0.6) is not compared with the start's
+
+
 def test_default_unfreeze_is_the_top_quarter_of_the_trunk():
     import keras
 
@@ -580,6 +593,45 @@ def test_augmentation_is_a_crop_and_flip_in_training_and_the_identity_otherwise(
     assert (spans <= 15 + 1e-4).all() and spans.min() < 15 * 0.95  # crops, not the whole width
     again = RandomResizedCropFlip(min_scale=0.5, seed=0)
     np.testing.assert_array_equal(np.asarray(again(ramp, training=True))[:, 0, :, 0], out)
+
+
+def test_flip_only_and_vertical_flip_keep_every_pixel():
+    from pipeline.augment import RandomResizedCropFlip
+
+    ramp = np.tile(np.arange(16, dtype="float32")[None, None, :, None], (8, 16, 1, 3))
+    out = np.asarray(RandomResizedCropFlip(min_scale=1.0, seed=0)(ramp, training=True))
+    same = [np.array_equal(o, ramp[0]) for o in out]
+    mirrored = [np.array_equal(o, ramp[0][:, ::-1]) for o in out]
+    assert all(a or b for a, b in zip(same, mirrored)) and any(same) and any(mirrored)
+    rows = np.transpose(ramp, (0, 2, 1, 3))  # a ramp down the rows
+    layer = RandomResizedCropFlip(min_scale=1.0, seed=0, vflip=True)
+    out = np.asarray(layer(rows, training=True))
+    upright = [np.array_equal(o, rows[0]) for o in out]
+    flipped = [np.array_equal(o, rows[0][::-1]) for o in out]
+    assert all(a or b for a, b in zip(upright, flipped)) and any(upright) and any(flipped)
+    assert layer.get_config()["vflip"] is True
+
+
+def test_label_smoothing_loss_and_l2sp_pull_towards_the_start():
+    import keras
+
+    from pipeline.recipe import optimizer, smoothed_crossentropy
+
+    probs, labels = np.array([[0.7, 0.2, 0.1]], "float32"), np.array([0])
+    assert float(smoothed_crossentropy(0.0)(labels, probs)[0]) == pytest.approx(-np.log(0.7))
+    target = np.array([0.8, 0.1, 0.1])  # 0.3 spread evenly over the 3 classes
+    assert float(smoothed_crossentropy(0.3)(labels, probs)[0]) == pytest.approx(
+        -(target * np.log(probs[0])).sum(), rel=1e-5
+    )
+    cfg = FinetuneConfig(
+        optimizer="sgd", learning_rate=0.1, weight_decay=0, warmup_epochs=0, l2sp=1.0
+    )
+    a, b = keras.Variable(np.ones(3), name="a"), keras.Variable(np.ones(3), name="b")
+    opt = optimizer(cfg, per_epoch=10, epochs=5, rates={b.path: 1.0})
+    opt.build([a, b])
+    opt.apply([np.ones(3), np.ones(3)], [a, b])
+    np.testing.assert_allclose(a.numpy(), 0.9)  # the head: no pull
+    np.testing.assert_allclose(b.numpy(), 0.9 + 0.1 * (1 - 0.9))  # pulled back towards 1
 
 
 def test_stacked_reads_train_and_val_as_one_array_in_the_order_asked():
