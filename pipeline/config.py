@@ -220,9 +220,7 @@ class FinetuneConfig(_Section):
     batch_size: int = Field(32, ge=1)
     augment: bool = True
     augment_min_scale: float = Field(1.0, gt=0, le=1)
-    augment_vflip: bool = True
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    l2sp: float = Field(0.0, ge=0)
+    augment_vflip: bool = False
     # auto: mixed_bfloat16 on a GPU with bf16 support, float32 elsewhere
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
 

@@ -55,8 +55,7 @@ def keep_best(initial: dict, patience: int, n_val: int):
                 self.weights = self.model.get_weights()
 
         def on_epoch_end(self, epoch, logs=None):
-            # val_ce: the plain cross-entropy when the training loss is label-smoothed
-            score = (correct(logs["val_accuracy"]), -logs.get("val_ce", logs["val_loss"]))
+            score = (correct(logs["val_accuracy"]), -logs["val_loss"])
             if score > self.best:
                 self.best, self.best_epoch, self.wait = score, epoch + 1, 0
                 self.weights = self.model.get_weights()
@@ -85,9 +84,7 @@ def layer_rates(assembly: Assembly, decay: float) -> dict[str, float]:
 
 def optimizer(cfg: FinetuneConfig, per_epoch: int, epochs: int, rates: dict[str, float]):
     """AdamW or SGD with momentum: linear warm-up over cfg.warmup_epochs, cosine decay to zero,
-    each variable's rate scaled by `rates` (layer-wise rates). With cfg.l2sp, every step also
-    pulls each backbone variable in `rates` towards its value when training began (L2-SP,
-    decoupled like AdamW's weight decay: w -= rate * l2sp * (w - w0))."""
+    each variable's rate scaled by `rates` (layer-wise rates)."""
     import keras
 
     steps = per_epoch * epochs
@@ -105,18 +102,11 @@ def optimizer(cfg: FinetuneConfig, per_epoch: int, epochs: int, rates: dict[str,
         def build(self, variables):
             super().build(variables)
             self.shares = [rates.get(v.path, 1.0) for v in variables]
-            self.anchors = [
-                np.array(v.numpy()) if cfg.l2sp and v.path in rates else None for v in variables
-            ]
 
         def update_step(self, gradient, variable, learning_rate):
             # the backend may pass its own variable type: look it up by index, not by path
-            index = self._get_variable_index(variable)
-            share = self.shares[index]
+            share = self.shares[self._get_variable_index(variable)]
             super().update_step(gradient, variable, learning_rate * share)
-            if self.anchors[index] is not None:
-                rate = keras.ops.cast(learning_rate * share * cfg.l2sp, variable.dtype)
-                variable.assign_sub(rate * (variable - self.anchors[index]))
 
     return LayerwiseRates(learning_rate=schedule, weight_decay=cfg.weight_decay, **extra)
 
@@ -166,31 +156,13 @@ def _phases(assembly: Assembly, cfg: FinetuneConfig) -> list[tuple[bool, int]]:
     return [(backbone, epochs) for backbone, epochs in phases if epochs]
 
 
-def smoothed_crossentropy(smoothing: float):
-    """Cross-entropy against integer labels smoothed towards the uniform distribution: a head
-    that already fits train keeps a gradient (its logits cannot grow without bound)."""
-    import keras
-    from keras import ops
-
-    def loss(y_true, y_pred):
-        labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-        target = ops.one_hot(labels, y_pred.shape[-1], dtype=y_pred.dtype)
-        return keras.losses.categorical_crossentropy(target, y_pred, label_smoothing=smoothing)
-
-    return loss
-
-
 def _compile(assembly: Assembly, backbone: bool, cfg: FinetuneConfig, per_epoch: int, epochs: int):
-    import keras
-
     assembly.train_backbone(backbone)
     rates = layer_rates(assembly, cfg.layer_decay) if backbone else {}
-    loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
-    if cfg.label_smoothing:
-        loss = smoothed_crossentropy(cfg.label_smoothing)
-        metrics.append(keras.metrics.SparseCategoricalCrossentropy(name="ce"))
     assembly.model.compile(
-        optimizer=optimizer(cfg, per_epoch, epochs, rates), loss=loss, metrics=metrics
+        optimizer=optimizer(cfg, per_epoch, epochs, rates),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
     )
 
 

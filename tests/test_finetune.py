@@ -504,19 +504,6 @@ def test_an_epoch_tied_on_accuracy_with_lower_loss_beats_the_start():
     assert keep.best_epoch == 1  # one image fewer is worse, whatever the loss
 
 
-def test_with_label_smoothing_ties_are_broken_by_the_plain_cross_entropy():
-    import keras
-
-    from pipeline.recipe import keep_best
-
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    keep = keep_best({"val_accuracy": 0.5, "val_loss": 0.36}, patience=2, n_val=10)
-    keep.set_model(model)
-    keep.on_train_begin()
-    keep.on_epoch_end(0, {"val_accuracy": 0.5, "val_loss": 0.6, "val_ce": 0.3})
-    assert keep.best_epoch == 1  # the smoothed loss (0.6) is not compared with the start's
-
-
 def test_default_unfreeze_is_the_top_quarter_of_the_trunk():
     import keras
 
@@ -610,28 +597,6 @@ def test_flip_only_and_vertical_flip_keep_every_pixel():
     flipped = [np.array_equal(o, rows[0][::-1]) for o in out]
     assert all(a or b for a, b in zip(upright, flipped)) and any(upright) and any(flipped)
     assert layer.get_config()["vflip"] is True
-
-
-def test_label_smoothing_loss_and_l2sp_pull_towards_the_start():
-    import keras
-
-    from pipeline.recipe import optimizer, smoothed_crossentropy
-
-    probs, labels = np.array([[0.7, 0.2, 0.1]], "float32"), np.array([0])
-    assert float(smoothed_crossentropy(0.0)(labels, probs)[0]) == pytest.approx(-np.log(0.7))
-    target = np.array([0.8, 0.1, 0.1])  # 0.3 spread evenly over the 3 classes
-    assert float(smoothed_crossentropy(0.3)(labels, probs)[0]) == pytest.approx(
-        -(target * np.log(probs[0])).sum(), rel=1e-5
-    )
-    cfg = FinetuneConfig(
-        optimizer="sgd", learning_rate=0.1, weight_decay=0, warmup_epochs=0, l2sp=1.0
-    )
-    a, b = keras.Variable(np.ones(3), name="a"), keras.Variable(np.ones(3), name="b")
-    opt = optimizer(cfg, per_epoch=10, epochs=5, rates={b.path: 1.0})
-    opt.build([a, b])
-    opt.apply([np.ones(3), np.ones(3)], [a, b])
-    np.testing.assert_allclose(a.numpy(), 0.9)  # the head: no pull
-    np.testing.assert_allclose(b.numpy(), 0.9 + 0.1 * (1 - 0.9))  # pulled back towards 1
 
 
 def test_stacked_reads_train_and_val_as_one_array_in_the_order_asked():
