@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from pipeline.backbones import BACKBONE_NAMES, BACKBONES, get_backbone, layer_table
 from pipeline.errors import InputError
-from pipeline.stage import TRACEBACK_VARIABLE, one_line
+from pipeline.stage import TRACEBACK_VARIABLE, one_line_errors
 
 PACKAGE = Path(__file__).resolve().parent
 TEMPLATES = PACKAGE / "templates"
@@ -183,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    try:
+    with one_line_errors(f"layerwise {args.command}"):
         if args.command == "init":
             init(args.dir, args.images, args.backbone, args.image_size, args.weights)
         elif args.command == "backbones":
@@ -192,10 +191,6 @@ def main(argv: list[str] | None = None) -> None:
             layers(args.name, args.image_size)
         else:
             show(args.dir)
-    except InputError as exc:
-        if os.environ.get(TRACEBACK_VARIABLE):
-            raise
-        sys.exit(f"layerwise {args.command}: {one_line(exc)}")
 
 
 if __name__ == "__main__":

@@ -94,13 +94,17 @@ def run_stage(
     if arguments:
         arguments(parser)
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(name):
         work(args)
+
+
+@contextlib.contextmanager
+def one_line_errors(name: str):
+    """An InputError raised inside exits with `name: message` on one line, no traceback
+    (unless LAYERWISE_TRACEBACK is set)."""
+    try:
+        yield
     except InputError as exc:
         if os.environ.get(TRACEBACK_VARIABLE):
             raise
-        raise SystemExit(f"{name}: {one_line(exc)}") from None
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+        raise SystemExit(f"{name}: {' '.join(str(exc).split())}") from None
