@@ -220,7 +220,7 @@ class FinetuneConfig(_Section):
     batch_size: int = Field(32, ge=1)
     augment: bool = True
     augment_min_scale: float = Field(1.0, gt=0, le=1)
-    augment_vflip: bool = False
+    augment_vflip: bool = True
     # auto: mixed_bfloat16 on a GPU with bf16 support, float32 elsewhere
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
 
