@@ -168,21 +168,26 @@ def closest(name: str, names) -> str:
 def layer_problem(spec: Backbone, size: int, layers: dict[str, str], base, top) -> str | None:
     """Why `layers` (name -> reduction) cannot be taken from `spec` at input side `size`, or
     None. `base`, `top`: the model's layer names without its top, and of the top alone."""
+    if size < spec.min_size:
+        return (
+            f"{spec.name} needs inputs of at least {spec.min_size}x{spec.min_size}; "
+            f"data.image_size is {size}"
+        )
     for layer, reduction in layers.items():
         if layer not in base and layer not in top:
             return (
-                f"unknown layer {layer!r} for {spec.name}{closest(layer, [*base, *top])} "
+                f"extract.layers: unknown layer {layer!r} for {spec.name}{closest(layer, [*base, *top])} "
                 f"(`layerwise layers {spec.name}` lists them all)"
             )
         if layer in top and size != spec.top_size:
             return (
-                f"layer {layer!r} belongs to {spec.name}'s classification top, which takes "
+                f"extract.layers: layer {layer!r} belongs to {spec.name}'s classification top, which takes "
                 f"{spec.top_size}x{spec.top_size} inputs only; data.image_size is {size}: set "
                 f"data.image_size: {spec.top_size} or choose convolutional layers"
             )
         if layer in top and reduction != "none":
             return (
-                f"reduction {reduction!r} of {layer} needs a spatial (4-D) output, but {layer} "
+                f"extract.layers: reduction {reduction!r} of {layer} needs a spatial (4-D) output, but {layer} "
                 "is a vector; use none"
             )
     return None
@@ -261,18 +266,12 @@ def load_backbone(name: str, weights: str, size: int, layers: list[str] | tuple[
     layer lives there, and it fixes the input side at the model's `top_size`.
     """
     spec = get_backbone(name)
-    if size < spec.min_size:
-        raise BackboneError(
-            f"{name} needs inputs of at least {spec.min_size}x{spec.min_size}; data.image_size is {size}"
-        )
     base = layer_names(name, False, max(size, spec.min_size))
+    include_top = bool(set(layers) - set(base))
     top = (
-        [n for n in layer_names(name, True, spec.top_size) if n not in base]
-        if set(layers) - set(base)
-        else []
+        [n for n in layer_names(name, True, spec.top_size) if n not in base] if include_top else []
     )
     problem = layer_problem(spec, size, dict.fromkeys(layers, "none"), base, top)
     if problem:
         raise BackboneError(problem)
-    include_top = bool(set(layers) - set(base))
     return _load(spec, weights, include_top, size)

@@ -233,26 +233,16 @@ class Params(_Section):
     select: SelectConfig = SelectConfig()
     finetune: FinetuneConfig = FinetuneConfig()
 
-    @model_validator(mode="after")
-    def _sizes(self) -> Params:
-        spec = get_backbone(self.backbone.name)
-        if self.data.image_size < spec.min_size:
-            raise ValueError(
-                f"{spec.name} needs inputs of at least {spec.min_size}x{spec.min_size}; "
-                f"data.image_size is {self.data.image_size}"
-            )
-        return self
-
     def resolved(self) -> Params:
         """`extract.layers: auto` and `train.layers: null` made explicit, then checked against
-        the backbone's table of layer names (no model is built)."""
+        the backbone's table of layer names and its input sizes (no model is built)."""
         spec = get_backbone(self.backbone.name)
         size = self.data.image_size
         layers = spec.auto(size) if self.extract.layers == "auto" else dict(self.extract.layers)
         table = layer_table(spec.name)
         problem = layer_problem(spec, size, layers, table["base"], table["top"])
         if problem:
-            raise ConfigError(f"extract.layers: {problem}")
+            raise ConfigError(problem)
         chosen = list(layers) if self.train.layers is None else list(self.train.layers)
         missing = [layer for layer in chosen if layer not in layers]
         if missing:
