@@ -15,7 +15,7 @@ from pipeline.errors import InputError
 from pipeline.stage import TRACEBACK_VARIABLE, one_line_errors
 
 PACKAGE = Path(__file__).resolve().parent
-TEMPLATES = PACKAGE / "templates"
+TEMPLATES = PACKAGE / "templates"  # not named dvc.yaml: DVC would collect it as a pipeline
 GITIGNORE = "__pycache__/\n/.cache/\n/dvc_plots/\n"
 
 
@@ -34,7 +34,7 @@ def init(target: Path, images: Path, backbone: str, image_size: int | None, weig
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target} is not empty; give a new or empty directory")
     yaml = YAML()  # round trip: params.yaml keeps its comments
-    params = yaml.load((TEMPLATES / "params.yaml").read_text())
+    params = yaml.load((TEMPLATES / "params.template.yaml").read_text())
     spec = get_backbone(backbone)
     params["data"].update(
         source="folder",
@@ -50,7 +50,7 @@ def init(target: Path, images: Path, backbone: str, image_size: int | None, weig
     (target / "pipeline").mkdir(parents=True)
     for module in PACKAGE.glob("*.py"):
         shutil.copy(module, target / "pipeline" / module.name)
-    shutil.copy(TEMPLATES / "dvc.yaml", target / "dvc.yaml")
+    shutil.copy(TEMPLATES / "dvc.template.yaml", target / "dvc.yaml")
     with (target / "params.yaml").open("w") as f:
         yaml.dump(params, f)
     (target / ".gitignore").write_text(GITIGNORE)

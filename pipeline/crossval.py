@@ -3,7 +3,7 @@ cross-validation over train+val (params `train.cv`).
 
 The head (the same builders and params as every fit, through `heads.fit_head`) is fitted on
 each fold's training part and predicts the fold's held-out part; the pooled out-of-fold
-predictions are what `pipeline.scoring.score` scores. The head is then refitted on all of
+predictions are what `pipeline.scoring.score` scores. The head is also refitted on all of
 train+val: that refit is the cell's saved model. Nothing here reads the test split.
 The dense head early-stops inside a fold on ~1/folds of that fold's training part (never its
 held-out part); the refit runs the folds' mean best epoch count, without early stopping.
@@ -142,12 +142,12 @@ class OutOfFold:
 
 
 def cross_validate(
-    head: str, cfg: TrainConfig, data: ArrayFeatures, folds: int, plan: Plan
-) -> OutOfFold:
-    """StratifiedKFold(folds, shuffle=True, random_state=train.seed) over `data`."""
+    head: str, cfg: TrainConfig, data: ArrayFeatures, folds: int, plan: Plan, log_dir: Path | None
+) -> tuple[OutOfFold, Fitted]:
+    """StratifiedKFold(folds, shuffle=True, random_state=train.seed) over `data`, and the head
+    refitted on all of `data` (dense: the folds' mean best epoch, no early stopping)."""
     splitter = StratifiedKFold(folds, shuffle=True, random_state=cfg.seed)
     y = data.labels
-    predicted = np.full(len(y), -1, np.int64)
     splits = list(splitter.split(np.zeros(len(y)), y))
 
     def fold(rows: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, int | None]:
@@ -157,16 +157,24 @@ def cross_validate(
             fitted.model, kind_of(head), part, part.layer, plan.block_rows
         ), fitted.epochs
 
-    # scikit-learn's solvers release the GIL: folds fit side by side on threads (not the Keras
-    # head, whose graph runs on all cores already)
-    workers = 1 if head == "dense" else min(folds, os.cpu_count() or 1)
-    results = Parallel(n_jobs=workers, prefer="threads")(delayed(fold)(rows) for rows in splits)
+    def whole(epochs: int | None = None) -> Fitted:
+        return fit_head(head, cfg, data, None, data.layer, plan, log_dir, epochs)
+
+    if head == "dense":  # its graph runs on all cores already; the refit needs the folds' epochs
+        results = [fold(rows) for rows in splits]
+        epochs = [e for _, e in results]
+        fitted = whole(max(1, round(float(np.mean(epochs)))))
+    else:  # scikit-learn's solvers release the GIL: folds and refit fit side by side on threads
+        workers = min(folds + 1, os.cpu_count() or 1)
+        *results, fitted = Parallel(n_jobs=workers, prefer="threads")(
+            [delayed(fold)(rows) for rows in splits] + [delayed(whole)()]
+        )
+    predicted = np.full(len(y), -1, np.int64)
     for (_, held_rows), (fold_predicted, _) in zip(splits, results):
         predicted[held_rows] = fold_predicted
-    held_out, epochs = [rows for _, rows in splits], [e for _, e in results]
-    oof = OutOfFold(y, predicted, held_out, epochs)
+    oof = OutOfFold(y, predicted, [rows for _, rows in splits], [e for _, e in results])
     print(f"  {folds} folds, accuracy per fold: {', '.join(map(str, oof.fold_accuracies()))}")
-    return oof
+    return oof, fitted
 
 
 def _fit_fold(head: str, cfg: TrainConfig, part: ArrayFeatures, folds: int, plan: Plan) -> Fitted:
@@ -174,16 +182,3 @@ def _fit_fold(head: str, cfg: TrainConfig, part: ArrayFeatures, folds: int, plan
         return fit_head(head, cfg, part, None, part.layer, plan, None)
     fit_rows, stop_rows = stopping_split(part.labels, folds, cfg.seed)
     return fit_head(head, cfg, part.take(fit_rows), part.take(stop_rows), part.layer, plan, None)
-
-
-def refit(
-    head: str,
-    cfg: TrainConfig,
-    data: ArrayFeatures,
-    plan: Plan,
-    oof: OutOfFold,
-    log_dir: Path | None,
-) -> Fitted:
-    """`head` fitted on all of `data` (dense: the folds' mean best epoch, no early stopping)."""
-    epochs = max(1, round(float(np.mean(oof.epochs)))) if head == "dense" else None
-    return fit_head(head, cfg, data, None, data.layer, plan, log_dir, epochs)

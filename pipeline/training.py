@@ -17,7 +17,6 @@ from pipeline.crossval import (
     choose_selection,
     cross_validate,
     cv_plan,
-    refit,
     train_and_val,
 )
 from pipeline.heads import MEMORY_FACTOR, Plan, fit_head, kind_of, predict, save_model
@@ -66,10 +65,9 @@ def fit_by_cv(
     data = train_and_val(train, val, layer)
     plan = cv_plan(cfg, head, len(data.labels), data.x.shape[1])
     print(f"  {len(data.labels)} x {data.x.shape[1]} features (train+val), {plan.path} path")
-    oof = cross_validate(head, cfg, data, folds, plan)
-    model = refit(head, cfg, data, plan, oof, log_dir).model
+    oof, fitted = cross_validate(head, cfg, data, folds, plan, log_dir)
     estimate = score(oof.labels, oof.predicted, len(data.class_names))
-    return Fit(model, plan, "train+val", len(data.labels), estimate, oof.fold_accuracies())
+    return Fit(fitted.model, plan, "train+val", len(data.labels), estimate, oof.fold_accuracies())
 
 
 def train_cell(

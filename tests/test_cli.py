@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import dvc, ran, subprocess_env
+from conftest import dvc, dvc_repo, ran, subprocess_env
 from PIL import Image
 
 STAGES = ("scan", "prepare", "extract", "train", "select", "finetune", "evaluate")
@@ -105,6 +105,16 @@ def test_help_of_every_stage_runs_nothing(initialised):
         )
         assert result.stdout.startswith(f"usage: python -m pipeline.{stage}")
     assert digests(project) == before
+
+
+def test_dvc_sees_one_pipeline_in_a_repo_holding_the_package(tmp_path):
+    """The package's templates for `layerwise init` must not be collected as a second
+    pipeline (it made `dvc exp run` check out outputs under pipeline/templates/)."""
+    root = dvc_repo(tmp_path / "repo", {})
+    heads = yaml.safe_load((root / "params.yaml").read_text())["train"]["heads"]
+    expected = {s for s in STAGES if s != "train"} | {f"train@{h}" for h in heads}
+    listed = dvc(root, "stage", "list", "--all", "--name-only").split()
+    assert sorted(listed) == sorted(expected)
 
 
 def test_backbones_and_layers_list_what_params_accept():
