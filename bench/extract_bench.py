@@ -15,6 +15,8 @@ Rows (images/s over the same random uint8 images):
   m  peak RSS of the extract end to end in a subprocess at 1x and 5x the images (os.wait4's
      per-child ru_maxrss): flat when memory does not grow with the number of images
 
+  r  (--ray) the same on the ray engine: Ray Data on a local cluster, one backbone actor
+
 Rows a-d: best of --repeats runs. Ratios: b/a (goal >= 0.9), time(b)/time(c) (goal <= 1.15), b/e1, b/e2, b/d.
 
     python bench/extract_bench.py --size 32 --images 1000 --batch-size 32
@@ -76,8 +78,11 @@ def write_prepared(directory: Path, n: int, size: int, seed: int = 0) -> Path:
     return directory
 
 
-def run_extract(model, layers: dict, prepared: Path, out_dir: Path, batch_size: int) -> float:
-    """The project's extract of the prepared train split; returns the seconds it took."""
+def run_extract(
+    model, layers: dict, prepared: Path, out_dir: Path, batch_size: int, engine=None
+) -> float:
+    """The project's extract of the prepared train split (on `engine`: local by default);
+    returns the seconds it took."""
     from pipeline.data import load_split
     from pipeline.extraction import extract_split
     from pipeline.records import file_sha256
@@ -102,6 +107,7 @@ def run_extract(model, layers: dict, prepared: Path, out_dir: Path, batch_size: 
         out_dir / "scratch",
         desc="bench",
         images_sha256=(images_file, digest),
+        engine=engine,
     )
     seconds = time.perf_counter() - start
     (out_dir / "train.h5").unlink()
@@ -315,6 +321,21 @@ def build(args, layers):
     return build_extractor(args.backbone, args.weights, args.size, layers)[0]
 
 
+def ray_extract_seconds(args, model, layers: dict, prepared: Path, out_dir: Path) -> float:
+    """Row r: run_extract on the ray engine, one actor (with a GPU when Ray sees one), Ray
+    started on this host; the actor's start (model build, compile) is included."""
+    from pipeline.config import BackboneConfig, ExtractConfig, RayConfig
+    from pipeline.ray_engine import RayEngine, ray_session, worker_env
+
+    cfg = ExtractConfig(
+        layers=layers, batch_size=args.batch_size, precision=args.precision, engine="ray"
+    )
+    with ray_session(RayConfig(actors=1), worker_env()):
+        backbone = BackboneConfig(name=args.backbone, weights=args.weights)
+        engine = RayEngine(backbone, cfg, args.size, args.precision, args.weights)
+        return run_extract(model, layers, prepared, out_dir, args.batch_size, engine)
+
+
 def child_extract(args) -> None:
     """Subprocess body for the memory rows: build, extract the prepared split, report."""
     layers = parse_layers(args.layers)
@@ -407,6 +428,9 @@ def main() -> None:
     ap.add_argument(
         "--seconds", type=float, default=3.0, help="minimum timing window of rows e1/e2"
     )
+    ap.add_argument(
+        "--ray", action="store_true", help="row r: the extract on the ray engine (needs Ray)"
+    )
     ap.add_argument("--child-extract", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.layers = args.layers or DEFAULT_LAYERS.get(args.size, DEFAULT_LAYERS["other"])
@@ -467,6 +491,18 @@ def main() -> None:
                 f"model build {build_s:.1f} s not included",
             )
         )
+
+        if args.ray:
+            r_s = ray_extract_seconds(args, model, layers, prepared, work / "out_r")
+            rows.append(
+                (
+                    "r",
+                    f"project extract on the ray engine, one actor, {len(layers)} layers",
+                    n / r_s,
+                    r_s,
+                    "Ray start excluded, actor start included",
+                )
+            )
 
         # c: the project's extract, the deepest layer only
         only = {deepest: layers[deepest]}
@@ -542,6 +578,8 @@ def main() -> None:
         ("b/e2", b_rate / e2, "share of the device-only rate"),
         ("b/d", b_rate / (nd / d_s), "speed-up over the naive way"),
     ]
+    if args.ray:
+        ratios.append(("r/b", (n / r_s) / b_rate, "ray engine against the local one"))
     if len(mem) == 2:
         ratios.append(
             (f"RSS {args.memory_multiple}x / RSS 1x", mem[1][2] / mem[0][2], "goal ~1.0 (flat)")

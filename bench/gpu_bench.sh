@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark table on a GPU host that has JAX but no TensorFlow, Keras or DVC, in about
 # 6 minutes: the extract rows of bench/extract_bench.py (bf16 matmul ceiling, device-only
-# forward, the project's extract end to end, bare predict, the naive way, peak memory) at
-# 224 px, then decode images/s. Python packages the host lacks come from wheels in .whl/,
+# forward, the project's extract end to end, on the ray engine too where Ray is installed,
+# bare predict, the naive way, peak memory) at 224 px, then decode images/s. Python packages the host lacks come from wheels in .whl/,
 # and the decode photo is .whl/retina.jpg; on the machine that prepares the run:
 #
 #   echo /.whl/ >> .git/info/exclude
@@ -21,8 +21,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export KERAS_BACKEND="${KERAS_BACKEND:-jax}" TQDM_DISABLE=1
 python3 -c "import jax; print('devices:', jax.devices())"
+ray=()
+if python3 -c "import ray.data" 2> /dev/null; then
+  ray=(--ray)
+else
+  echo "row r (ray engine) skipped: Ray is not installed here (its Python 3.12 wheel, 79 MB, is over the 64 MiB a run may carry)"
+fi
 timeout 300 python3 bench/extract_bench.py --size "${SIZE:-224}" --images "${IMAGES:-10000}" \
-  --batch-size "${BATCH:-256}" --precision "${PRECISION:-mixed_bfloat16}" --repeats 1
+  --batch-size "${BATCH:-256}" --precision "${PRECISION:-mixed_bfloat16}" --repeats 1 "${ray[@]}"
 photo=()
 [ -f .whl/retina.jpg ] && photo=(--photo .whl/retina.jpg)
 timeout 60 python3 bench/decode_bench.py --images 300 "${photo[@]}"

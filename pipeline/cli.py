@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.backbones import BACKBONE_NAMES, BACKBONES, get_backbone, layer_table
 from pipeline.errors import InputError
+from pipeline.files import is_uri
 from pipeline.stage import TRACEBACK_VARIABLE, one_line_errors
 
 PACKAGE = Path(__file__).resolve().parent
@@ -19,7 +20,7 @@ TEMPLATES = PACKAGE / "templates"  # not named dvc.yaml: DVC would collect it as
 GITIGNORE = "__pycache__/\n/.cache/\n/dvc_plots/\n"
 
 
-def init(target: Path, images: Path, backbone: str, image_size: int | None, weights: str) -> None:
+def init(target: Path, images: str, backbone: str, image_size: int | None, weights: str) -> None:
     """A git + DVC project in `target` for the class folders under `images`: this package's
     stage code, dvc.yaml, and params.yaml set to the folder (by absolute path, so queued and
     `--temp` experiments find it), the backbone and its input side."""
@@ -38,7 +39,7 @@ def init(target: Path, images: Path, backbone: str, image_size: int | None, weig
     spec = get_backbone(backbone)
     params["data"].update(
         source="folder",
-        path=str(Path(images).resolve()),
+        path=images if is_uri(images) else str(Path(images).resolve()),
         image_size=image_size or spec.top_size,
         limit=None,
     )
@@ -162,9 +163,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("dir", type=Path, help="the new project's directory (new or empty)")
     i.add_argument(
         "--images",
-        type=Path,
         required=True,
-        help="a folder of class folders (optionally train/ val/ test/ inside)",
+        help="a folder of class folders (optionally train/ val/ test/ inside), or its "
+        "s3:// or gs:// URI (with the `ray` extra)",
     )
     i.add_argument("--backbone", default="vgg16", choices=BACKBONE_NAMES)
     i.add_argument("--image-size", type=int, help="input side (default: the backbone's)")

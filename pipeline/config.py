@@ -43,6 +43,7 @@ class DataConfig(_Section):
     seed: int = 0
     on_bad_image: Literal["skip", "fail"] = "skip"
     decode_workers: int | None = Field(None, ge=1)  # None: every core; not in the provenance
+    prepared: Literal["arrays", "manifest"] = "arrays"  # manifest: extract decodes the files
 
     def provenance(self) -> dict:
         """The params that decide the prepared arrays (not how many threads decode them)."""
@@ -57,6 +58,11 @@ class DataConfig(_Section):
             )
         if self.source == "folder" and not self.path:
             raise ValueError("source 'folder' needs data.path, the directory of class folders")
+        if self.prepared == "manifest" and self.source != "folder":
+            raise ValueError(
+                f"prepared 'manifest' lists image files, so it needs source 'folder'; "
+                f"{self.source!r} is decoded from memory: use prepared 'arrays'"
+            )
         return self
 
 
@@ -82,17 +88,27 @@ class BackboneConfig(_Section):
         return v
 
 
+class RayConfig(_Section):
+    address: str | None = None  # None: start Ray on this host; "auto" or ray://host:10001: join
+    actors: int = Field(1, ge=1)  # backbone replicas, each with one compiled model
+    gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 if the cluster has GPUs, else 0
+    cpus_per_actor: float = Field(1, gt=0)
+
+
 class ExtractConfig(_Section):
     layers: Literal["auto"] | dict[str, str] = "auto"  # auto: the backbone's suggested layers
     batch_size: int = Field(32, ge=1)
     memory_mb: int = Field(512, ge=16)  # images and outputs in flight; not in the fingerprint
     storage_dtype: Literal["float16", "float32"] = "float16"
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    engine: Literal["local", "ray"] = "local"  # ray: Ray Data on a cluster (extra `ray`)
+    ray: RayConfig = RayConfig()
 
     def provenance(self) -> dict:
-        """The params that decide the features (not how much is in flight while computing
-        them: a run killed for memory resumes under a lower budget)."""
-        return self.model_dump(mode="json", exclude={"memory_mb"})
+        """The params that decide the features, not how they are computed (how much is in
+        flight, where: both engines write the same features, and a run killed for memory
+        resumes under a lower budget or on another engine)."""
+        return self.model_dump(mode="json", exclude={"memory_mb", "engine", "ray"})
 
     @field_validator("layers")
     @classmethod

@@ -1,11 +1,13 @@
 """Image sources (bundled digits, keras.datasets, image folders), stratified splits, decoding.
 
-Everything ends as uint8 RGB arrays of one size, decoded and resized once.
+Everything ends as uint8 RGB arrays of one size, decoded and resized once, or (data.prepared:
+manifest) as a list of checked files that extract decodes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline.config import DataConfig
 from pipeline.errors import InputError
+from pipeline.files import RemoteFile, tree
 from pipeline.provenance import code_digest
 from pipeline.records import PreparedRecord, SourceRecord, file_sha256
 
@@ -176,20 +179,29 @@ def keras_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
     return KERAS_SETS[cfg.source], _limit(splits, cfg.limit, cfg.seed)
 
 
-def _class_files(directory: Path) -> dict[str, list[Path]]:
-    classes = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {
-        c.name: sorted(f for f in c.rglob("*") if f.is_file() and not f.name.startswith("."))
-        for c in classes
+def _class_files(prefix: str, folders: list[str], files: list[str]) -> dict[str, list[str]]:
+    """Class folder name -> the files anywhere below it, for the class folders in `prefix`."""
+    base = f"{prefix}/" if prefix else ""
+    classes = {
+        d[len(base) :]: [] for d in folders if d.startswith(base) and "/" not in d[len(base) :]
     }
+    for name in files:
+        if name.startswith(base):
+            cls, _, rest = name[len(base) :].partition("/")
+            if rest and cls in classes:
+                classes[cls].append(name)
+    return dict(sorted(classes.items()))
 
 
 def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
-    """A directory of class folders, flat or with train/ [val/|validation/] [test/] inside."""
-    root = Path(cfg.path)
+    """A directory of class folders, flat or with train/ [val/|validation/] [test/] inside;
+    a local or shared path, or a URI that pyarrow reads (files.py)."""
+    root = tree(cfg.path)
     if not root.is_dir():
         raise DataError(f"data.path={cfg.path!r} is not a directory")
-    sub = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    dirs, listing = root.walk()
+    names = [name for name, _, _ in listing]
+    sub = {d.lower(): d for d in dirs if "/" not in d}
     presplit = "train" in sub
     if presplit:
         folders = {
@@ -198,31 +210,36 @@ def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
             "test": sub.get("test"),
         }
     else:
-        folders = {"all": root}
-    files = {name: _class_files(d) for name, d in folders.items() if d is not None}
+        folders = {"all": ""}
+    shown = {
+        name: f"{cfg.path.rstrip('/')}/{d}".rstrip("/")
+        for name, d in folders.items()
+        if d is not None
+    }
+    files = {name: _class_files(d, dirs, names) for name, d in folders.items() if d is not None}
     first = files["train" if presplit else "all"]
     class_names = sorted(first)
     if len(class_names) < 2:
         raise DataError(
-            f"{folders['train' if presplit else 'all']} needs at least two class folders, "
+            f"{shown['train' if presplit else 'all']} needs at least two class folders, "
             f"found {class_names or 'none'}"
         )
     for name, per_class in files.items():
         empty = [c for c in class_names if not per_class.get(c)]
         if empty and (name in ("all", "train")):
-            raise DataError(f"empty class folder(s) in {folders[name]}: {', '.join(empty)}")
+            raise DataError(f"empty class folder(s) in {shown[name]}: {', '.join(empty)}")
         extra = sorted(set(per_class) - set(class_names))
         if extra:
             raise DataError(
-                f"{folders[name]} has classes not in the training set: {', '.join(extra)}"
+                f"{shown[name]} has classes not in the training set: {', '.join(extra)}"
             )
 
-    def pool(per_class: dict[str, list[Path]]) -> Split:
-        paths = [f for c in class_names for f in per_class.get(c, [])]
+    def pool(per_class: dict[str, list[str]]) -> Split:
+        ids = [f for c in class_names for f in per_class.get(c, [])]
         labels = np.array(
             [i for i, c in enumerate(class_names) for _ in per_class.get(c, [])], np.int64
         )
-        return Split(labels=labels, paths=paths, ids=[str(p.relative_to(root)) for p in paths])
+        return Split(labels=labels, paths=[root.file(f) for f in ids], ids=ids)
 
     def take(s: Split, i: np.ndarray) -> Split:
         return Split(s.labels[i], paths=[s.paths[j] for j in i], ids=[s.ids[j] for j in i])
@@ -255,21 +272,15 @@ def source_record(cfg: DataConfig) -> SourceRecord:
     (as rsync and DVC judge a file unchanged), so adding, removing or editing one shows."""
     if cfg.source != "folder":
         return SourceRecord(source=cfg.source, path=None, files=0, files_sha256="")
-    root = Path(cfg.path)
+    root = tree(cfg.path)
     if not root.is_dir():
         raise DataError(
             f"data.path={cfg.path!r} is not a directory; give a folder of class folders"
         )
     h, count = hashlib.sha256(), 0
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            path = Path(folder) / name
-            st = path.stat()
-            h.update(
-                f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
-            )
-            count += 1
+    for name, length, mtime_ns in root.walk()[1]:
+        h.update(f"{name}\0{length}\0{mtime_ns}\n".encode())
+        count += 1
     return SourceRecord(source="folder", path=cfg.path, files=count, files_sha256=h.hexdigest())
 
 
@@ -306,12 +317,19 @@ def resize(img: Image.Image, size: int, interpolation: str) -> np.ndarray:
     return np.asarray(to_rgb(img).resize((size, size), RESAMPLE[interpolation]), dtype=np.uint8)
 
 
-def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
+def decode_file(path: Path | RemoteFile, size: int, interpolation: str) -> np.ndarray:
     """Decode one image file; raise ValueError with a short reason when it cannot be used."""
-    if path.stat().st_size == 0:
+    return decode_bytes(
+        Path(path).read_bytes() if isinstance(path, str) else path.read_bytes(), size, interpolation
+    )
+
+
+def decode_bytes(data: bytes, size: int, interpolation: str) -> np.ndarray:
+    """Decode one image file's bytes (ValueError with a short reason when unusable)."""
+    if not data:
         raise ValueError("empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers size x size
             img.draft(img.mode, (size, size))
             img.load()
@@ -320,6 +338,18 @@ def decode_file(path: Path, size: int, interpolation: str) -> np.ndarray:
         raise ValueError("not an image PIL can identify") from None
     except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise ValueError(f"unreadable or truncated image: {exc}") from None
+
+
+def _identify(data: bytes) -> None:
+    """What prepare checks of a file it lists without decoding: an image PIL can identify."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        Image.open(io.BytesIO(data)).close()
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can identify") from None
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"unreadable image: {exc}") from None
 
 
 def decode_workers(cfg: DataConfig) -> int:
@@ -333,29 +363,43 @@ def decode_split(name: str, split: Split, cfg: DataConfig) -> Iterator[tuple]:
     """Decode and resize a split once, in order: (index, image, None) for each usable item,
     (index, None, reason) for each unusable file. Files are decoded on decode_workers threads
     (PIL releases the GIL while it decodes and resizes)."""
-    size, workers = cfg.image_size, decode_workers(cfg)
+    size = cfg.image_size
     if split.images is not None:
         for i, a in enumerate(tqdm(split.images, desc=f"resize {name}", unit="img", leave=False)):
             yield i, resize(Image.fromarray(np.asarray(a, np.uint8)), size, cfg.interpolation), None
         return
+    yield from _over_files(
+        f"decode {name}", split.paths, cfg, lambda path: decode_file(path, size, cfg.interpolation)
+    )
 
-    def work(path: Path):
+
+def list_split(name: str, split: Split, cfg: DataConfig) -> Iterator[tuple]:
+    """For a manifest: (index, sha256 of the file, None) for each file PIL can identify,
+    (index, None, reason) for the others; nothing is decoded."""
+
+    def check(path: Path | RemoteFile) -> str:
+        data = path.read_bytes()
+        _identify(data)
+        return hashlib.sha256(data).hexdigest()
+
+    yield from _over_files(f"list {name}", split.paths, cfg, check)
+
+
+def _over_files(desc: str, files: list[Path], cfg: DataConfig, work) -> Iterator[tuple]:
+    """(index, work(file), None) or (index, None, reason), in order, on decode_workers threads."""
+
+    def attempt(path: Path):
         try:
-            return decode_file(path, size, cfg.interpolation), None
+            return work(path), None
         except ValueError as exc:
             return None, str(exc)
 
+    workers = decode_workers(cfg)
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(work, split.paths)
-        for i, (img, reason) in enumerate(
-            tqdm(
-                results,
-                total=len(split.paths),
-                desc=f"decode {name} ({workers} threads)",
-                unit="img",
-            )
-        ):
-            yield i, img, reason
+        results = pool.map(attempt, files)
+        bar = tqdm(results, total=len(files), desc=f"{desc} ({workers} threads)", unit="img")
+        for i, (value, reason) in enumerate(bar):
+            yield i, value, reason
 
 
 # ---------------------------------------------------------------- on disk
@@ -394,8 +438,10 @@ class NpyWriter:
 
 
 def prepare(cfg: DataConfig, out: Path) -> tuple[PreparedRecord, list[dict]]:
-    """Write data/prepared/: <split>_images.npy (decoded once, streamed to disk),
-    <split>_labels.npy, manifest.csv, report.json and meta.json (a PreparedRecord); return
+    """Write data/prepared/: <split>_images.npy (decoded once, streamed to disk; with
+    data.prepared=manifest <split>_files.txt instead, each file's sha256 and path under
+    data.path, in `sha256sum` format), <split>_labels.npy, manifest.csv, report.json and
+    meta.json (a PreparedRecord); return
     (record, skipped). Written into `<out>.partial` and renamed: never seen half-made."""
     source, code = source_record(cfg), code_digest("prepare")  # what this run reads
     class_names, splits = load_source(cfg)
@@ -419,12 +465,18 @@ def _write_prepared(cfg, out: Path, class_names, splits, source, code):
         manifest.write("split,index,label,source\n")
         for name in SPLITS:
             split = splits[name]
-            writer = NpyWriter(
-                out / f"{name}_images.npy", (side, side, 3), np.uint8, len(split.labels)
-            )
+            listed = cfg.prepared == "manifest"
+            if listed:
+                out_file = (out / f"{name}_files.txt").open("w")
+                items = list_split(name, split, cfg)
+            else:
+                out_file = NpyWriter(
+                    out / f"{name}_images.npy", (side, side, 3), np.uint8, len(split.labels)
+                )
+                items = decode_split(name, split, cfg)
             keep = []
-            for i, image, reason in decode_split(name, split, cfg):
-                if image is None:
+            for i, value, reason in items:
+                if value is None:
                     if cfg.on_bad_image == "fail":
                         raise DataError(f"{split.paths[i]}: {reason} (data.on_bad_image=fail)")
                     skipped.append({"path": split.ids[i], "split": name, "reason": reason})
@@ -432,9 +484,12 @@ def _write_prepared(cfg, out: Path, class_names, splits, source, code):
                 manifest.write(
                     f"{name},{len(keep)},{class_names[split.labels[i]]},{json.dumps(split.ids[i])}\n"
                 )
-                writer.append(image)
+                if listed:  # value: the file's sha256
+                    out_file.write(f"{value}  {split.ids[i]}\n")
+                else:  # value: the decoded image
+                    out_file.append(value)
                 keep.append(i)
-            writer.close()
+            out_file.close()
             labels[name] = split.labels[keep].astype(np.int32)
             np.save(out / f"{name}_labels.npy", labels[name])
     counts = np.bincount(labels["train"], minlength=len(class_names))
@@ -454,7 +509,7 @@ def _write_prepared(cfg, out: Path, class_names, splits, source, code):
         class_names=class_names,
         counts={name: len(labels[name]) for name in SPLITS},
         image_size=side,
-        sha256={f.name: file_sha256(f) for f in sorted(out.glob("*.npy"))},
+        sha256={f.name: file_sha256(f) for f in sorted([*out.glob("*.npy"), *out.glob("*.txt")])},
     )
     record.write(out / "meta.json")
     return record, skipped
@@ -517,15 +572,88 @@ class NpyRows:
         return self[:] if dtype is None else self[:].astype(dtype)
 
 
+class FileRows:
+    """Rows of a manifest split (<split>_files.txt), decoded on demand on `workers` threads;
+    each file is refused unless its bytes match the sha256 prepare listed. Supports len(),
+    slices and index arrays, like NpyRows."""
+
+    def __init__(self, listing: Path, root: str, size: int, interpolation: str, workers: int):
+        self.path, self.root = Path(listing), root
+        entries = [line.split("  ", 1) for line in self.path.read_text().splitlines()]
+        self.sha256, self.files = [e[0] for e in entries], [e[1] for e in entries]
+        self.shape, self.dtype = (len(entries), size, size, 3), np.dtype(np.uint8)
+        self.interpolation, self.workers = interpolation, workers
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        index = np.arange(len(self))[key]
+        if np.ndim(index) == 0:
+            return self[int(index) : int(index) + 1][0]
+        return decode_listed(
+            self.root,
+            [self.files[i] for i in index],
+            [self.sha256[i] for i in index],
+            self.shape[1],
+            self.interpolation,
+            self.workers,
+        )
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def decode_listed(
+    root: str, files: list[str], sha256: list[str], size: int, interpolation: str, workers: int
+) -> np.ndarray:
+    """The listed files under `root`, decoded as prepare would have, in order: (n, size,
+    size, 3) uint8. A file whose bytes no longer match its sha256, or that cannot be decoded,
+    is a DataError."""
+
+    def one(item: tuple[str, str]) -> np.ndarray:
+        name, digest = item
+        path = tree(root).file(name)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise DataError(
+                f"{path} changed after prepare listed it (its sha256 differs): "
+                "run `dvc repro prepare`"
+            )
+        try:
+            return decode_bytes(data, size, interpolation)
+        except ValueError as exc:
+            raise DataError(
+                f"{path}: {exc}; remove it and run `dvc repro prepare`, or set "
+                "data.prepared: arrays (bad images are then skipped when prepare decodes)"
+            ) from None
+
+    out = np.empty((len(files), size, size, 3), np.uint8)
+    with ThreadPoolExecutor(max(1, min(workers, len(files)))) as pool:
+        for i, image in enumerate(pool.map(one, zip(files, sha256))):
+            out[i] = image
+    return out
+
+
 def load_split(
-    directory: Path, split: str, record: PreparedRecord | None = None
-) -> tuple[NpyRows, np.ndarray]:
-    """Images (read on demand) and labels of one prepared split: never decoded again.
+    directory: Path, split: str, record: PreparedRecord | None = None, workers: int = 1
+) -> tuple[NpyRows | FileRows, np.ndarray]:
+    """Images (read, or for a manifest decoded, on demand) and labels of one prepared split.
 
     Refuses files of the wrong length, and image and label counts that disagree with each
-    other or with `record`."""
+    other or with `record`. A manifest needs `record` (its data.path, size, interpolation)."""
     directory = Path(directory)
-    images = NpyRows(directory / f"{split}_images.npy")
+    if record is not None and record.data.get("prepared") == "manifest":
+        d = record.data
+        images = FileRows(
+            directory / f"{split}_files.txt",
+            d["path"],
+            d["image_size"],
+            d["interpolation"],
+            workers,
+        )
+    else:
+        images = NpyRows(directory / f"{split}_images.npy")
     labels = np.load(directory / f"{split}_labels.npy")
     want = record.counts[split] if record else len(labels)
     if not len(images) == len(labels) == want:

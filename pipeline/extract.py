@@ -1,7 +1,10 @@
 """Stage `extract`: one pass of the frozen backbone, every requested layer into features/."""
 
+import functools
+
 from pipeline import paths
 from pipeline.config import load_params
+from pipeline.data import decode_workers
 from pipeline.extraction import extract_all, versions
 from pipeline.forward import distribute_over_devices
 from pipeline.layers import build_extractor
@@ -34,7 +37,8 @@ def main(_) -> None:
         image_size=prepared.image_size,
         versions=versions(),
     )
-    extract_all(
+    run = functools.partial(
+        extract_all,
         model,
         paths.PREPARED,
         prepared,
@@ -43,7 +47,17 @@ def main(_) -> None:
         paths.EXTRACT_SCRATCH,
         ex.batch_size,
         ex.memory_mb,
+        decode_workers=decode_workers(params.data),
     )
+    if ex.engine == "ray":
+        from pipeline.ray_engine import RayEngine, ray_session, worker_env
+
+        with ray_session(ex.ray, worker_env()) as ray:
+            have = ray.cluster_resources()
+            print(f"ray: {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs")
+            run(engine=RayEngine(bb, ex, prepared.image_size, precision, weights_used))
+    else:
+        run()
     print(f"wrote {paths.FEATURES}/{{train,val,test}}.h5")
 
 

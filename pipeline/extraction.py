@@ -53,6 +53,19 @@ def remove_abandoned(scratch_root: Path, keep: str) -> None:
             continue
 
 
+class LocalEngine:
+    """The forward pass in this process; the stream's reader thread reads (or, for a
+    manifest, decodes) the images."""
+
+    def __init__(self, model, batch_size: int, storage_dtype: str):
+        self.forward = forward_for(model, batch_size, storage_dtype)
+
+    def stream(self, images, rows: range, write, budget: Budget, progress) -> None:
+        run_stream(
+            lambda i, j: np.asarray(images[i:j]), rows, self.forward.stream, write, budget, progress
+        )
+
+
 def extract_split(
     model,
     images: np.ndarray,
@@ -65,9 +78,11 @@ def extract_split(
     desc: str = "extract",
     images_sha256: tuple[Path, str] | None = None,
     memory_mb: int = 512,
+    engine=None,
 ) -> None:
     """Stream `images` through `model` into `out`, resuming from the chunks in `scratch`;
-    reading, the forward pass and writing overlap within `memory_mb` (stream.run_stream).
+    reading, the forward pass and writing overlap within `memory_mb` (stream.run_stream), on
+    `engine` (LocalEngine by default, or ray_engine.RayEngine).
 
     `images_sha256` (file, digest): the images' file is hashed while the model runs, and the
     features are refused (and their chunks dropped) if it does not match.
@@ -85,16 +100,15 @@ def extract_split(
     writer = ChunkWriter(scratch, widths, storage_dtype)
     n = len(images)
     done = writer.rows_done()
-    forward = forward_for(model, batch_size, storage_dtype)
+    engine = engine or LocalEngine(model, batch_size, storage_dtype)
     with (
         tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar,
         ThreadPoolExecutor(1) as hashing,
     ):
         check = hashing.submit(file_sha256, images_sha256[0]) if images_sha256 else None
-        run_stream(
-            lambda i, j: np.asarray(images[i:j]),
+        engine.stream(
+            images,
             range(done, n, batch_size),
-            forward.stream,
             lambda first, outputs: writer.write(first, dict(zip(layers, outputs))),
             budget,
             bar.update,
@@ -128,8 +142,11 @@ def extract_all(
     scratch_root: Path,
     batch_size: int,
     memory_mb: int = 512,
+    engine=None,
+    decode_workers: int = 1,
 ) -> None:
-    """Extract train, val and test into `out_dir`; resumable at chunk and split granularity."""
+    """Extract train, val and test into `out_dir`; resumable at chunk and split granularity.
+    `decode_workers`: threads that decode a manifest's files (local engine)."""
     scratch_root = Path(scratch_root)
     scratch_root.mkdir(parents=True, exist_ok=True)
     key = fingerprint.key
@@ -149,7 +166,7 @@ def extract_all(
             if _finished(done, fingerprint):
                 print(f"{split}: finished by an earlier run, kept")
                 continue
-            images, labels = load_split(prepared_dir, split, prepared)
+            images, labels = load_split(prepared_dir, split, prepared, decode_workers)
             labels_file = Path(prepared_dir) / f"{split}_labels.npy"
             if file_sha256(labels_file) != prepared.sha256[labels_file.name]:
                 raise _changed_since_prepare(labels_file)
@@ -165,6 +182,7 @@ def extract_all(
                 desc=split,
                 images_sha256=(images.path, prepared.sha256[images.path.name]),
                 memory_mb=memory_mb,
+                engine=engine,
             )
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:

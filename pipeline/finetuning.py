@@ -123,7 +123,7 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
     import keras
 
     from pipeline.backbones import load_backbone
-    from pipeline.data import load_split
+    from pipeline.data import decode_workers, load_split
     from pipeline.provenance import (
         code_digest,
         current_prepared,
@@ -185,7 +185,8 @@ def finetune(params: Params, paths: Paths = Paths()) -> dict:
         f"+ head {spec.cell}; precision {precision}; trainable backbone layers: "
         f"{len(assembly.trainable_layers)}"
     )
-    data = {s: load_split(paths.prepared, s, prepared) for s in ("train", "val", "test")}
+    workers = decode_workers(params.data)  # a manifest's files are decoded per batch
+    data = {s: load_split(paths.prepared, s, prepared, workers) for s in ("train", "val", "test")}
 
     features, probs = predict(assembly.probe, data["val"][0], cfg.batch_size)
     agreement = float(

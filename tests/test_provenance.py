@@ -197,8 +197,8 @@ def _extract(project, monkeypatch, crash_split=None, crash_at=1):
     )
     readers = {}
 
-    def reading(directory, split, record=None):
-        images, labels = load_split(directory, split, record)
+    def reading(directory, split, record=None, workers=1):
+        images, labels = load_split(directory, split, record, workers)
         readers[split] = Reader(images, crash_at if split == crash_split else None)
         return readers[split], labels
 

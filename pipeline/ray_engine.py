@@ -1,0 +1,207 @@
+"""Extraction on Ray Data (extract.engine: ray), for more images than one host reads and runs.
+
+Each batch of images is one Ray row: CPU tasks read it from the prepared arrays, or decode
+and check its files (data.prepared: manifest), an actor pool runs the backbone (one
+compiled model per actor, on extract.ray.gpus_per_actor GPUs), and the outputs stream back in
+order to this process, which writes them through the same stream and feature store as the
+local engine: same batches, same model, same features, same fingerprint and resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import BackboneConfig, ConfigError, ExtractConfig, RayConfig
+from pipeline.data import FileRows, NpyRows, decode_listed
+from pipeline.errors import InputError
+from pipeline.stream import Budget, run_stream
+
+PACKAGE = Path(__file__).resolve().parent
+MISSING = (
+    "extract.engine: ray needs Ray Data, which is not installed: "
+    "pip install 'layerwise[ray]', or set extract.engine: local"
+)
+
+
+@contextmanager
+def ray_session(cfg: RayConfig, env: dict[str, str]):
+    """Ray joined at cfg.address (None: started on this host, stopped on exit), with this
+    package and `env` sent to every worker; Ray's own logs and progress bars kept quiet."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ConfigError(MISSING) from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address=cfg.address,
+            runtime_env={"py_modules": [str(PACKAGE)], "env_vars": env},
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class RayEngine:
+    """The extract stream on Ray Data: `stream` has the local engine's signature."""
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        cfg: ExtractConfig,
+        size: int,
+        precision: str,
+        weights_used: str,
+    ):
+        """Each actor builds the model this process built: the backbone at `size`, with
+        weights `weights_used`, at the `precision` extract.precision resolved to here."""
+        self.model = (backbone, cfg, size, precision, weights_used)
+        self.cfg = cfg
+
+    def stream(self, images, rows: range, write, budget: Budget, progress) -> None:
+        run_stream(
+            lambda i, j: (i, j),  # the cluster reads; this process only writes
+            rows,
+            lambda ranges: self._outputs(images, list(ranges)),
+            write,
+            budget,
+            progress,
+        )
+
+    def _outputs(self, images, ranges: list[tuple[int, int]]) -> Iterator[list[np.ndarray]]:
+        import ray.data
+
+        read, items = _reader(images, ranges)
+        cfg = self.cfg.ray
+        gpus = cfg.gpus_per_actor
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        limits = ray.data.DataContext.get_current().execution_options
+        limits.resource_limits = limits.resource_limits.copy(
+            object_store_memory=self.cfg.memory_mb * 2**20
+        )
+        with warnings.catch_warnings():  # max_restarts: a "deprecated" kwarg, still the way
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            dataset = (
+                ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+                .map(read, num_cpus=1)
+                .map_batches(
+                    _actor(*self.model),
+                    batch_size=1,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                    num_gpus=gpus,
+                    num_cpus=cfg.cpus_per_actor,
+                    # a lost actor fails the run (which resumes from its chunks) rather than
+                    # restarting, and Ray then does not log ray#53727's warning
+                    max_restarts=0,
+                )
+            )
+        expected = iter(ranges)
+        for row in dataset.iter_rows():
+            if row["error"]:
+                raise InputError(str(row["error"]))
+            first, _ = next(expected)
+            if int(row["first"]) != first:
+                raise RuntimeError(f"Ray returned rows from {row['first']}, expected {first}")
+            yield [row[f"out{k}"] for k in range(len(row) - 2)]
+
+
+def _reader(images, ranges: list[tuple[int, int]]) -> tuple[Callable, list[dict]]:
+    """The function a CPU task runs on one row, and the rows: a batch's first and stop, and
+    for a manifest its files (so that no task is sent the whole listing). What the user can
+    fix travels back as the row's `error`, so that the stage says it in one line."""
+    if isinstance(images, NpyRows):
+        path = str(images.path)
+
+        def read_arrays(item: dict) -> dict:
+            images = NpyRows(path)[item["first"] : item["stop"]]
+            return {"first": item["first"], "images": images, "error": ""}
+
+        return read_arrays, [{"first": i, "stop": j} for i, j in ranges]
+    if isinstance(images, FileRows):
+        root, size, interpolation = images.root, images.shape[1], images.interpolation
+
+        def read_files(item: dict) -> dict:
+            try:
+                decoded, error = (
+                    decode_listed(
+                        root, list(item["files"]), list(item["sha256"]), size, interpolation, 1
+                    ),
+                    "",
+                )
+            except InputError as exc:
+                decoded, error = np.zeros((0, size, size, 3), np.uint8), str(exc)
+            return {"first": item["first"], "images": decoded, "error": error}
+
+        items = [
+            {"first": i, "files": images.files[i:j], "sha256": images.sha256[i:j]}
+            for i, j in ranges
+        ]
+        return read_files, items
+    raise TypeError(f"the ray engine reads NpyRows or FileRows, not {type(images).__name__}")
+
+
+def _actor(
+    backbone: BackboneConfig, cfg: ExtractConfig, size: int, precision: str, weights_used: str
+) -> type:
+    """The actor class (its arguments travel inside it): builds the model once, then runs
+    one batch per call."""
+
+    class Backbone:
+        def __init__(self) -> None:
+            from pipeline.forward import forward_for
+            from pipeline.layers import build_extractor
+            from pipeline.precision import use_precision
+
+            self.error = ""
+            use_precision(precision)
+            try:
+                model, used = build_extractor(backbone.name, backbone.weights, size, cfg.layers)
+            except InputError as exc:
+                self.error = f"on a Ray worker: {exc}"
+                return
+            if used != weights_used:
+                self.error = (
+                    f"a Ray worker built the backbone with weights {used}, this process with "
+                    f"{weights_used}: give backbone.weights as a file every worker can read"
+                )
+            self.forward = forward_for(model, cfg.batch_size, cfg.storage_dtype)
+
+        def __call__(self, batch: dict) -> dict:
+            error = self.error or str(batch["error"][0])
+            if error:
+                return {"first": batch["first"], "error": [error]}
+            outputs = self.forward.run(batch["images"][0])
+            return {
+                "first": batch["first"],
+                "error": [""],
+                **{f"out{k}": [o] for k, o in enumerate(outputs)},
+            }
+
+    return Backbone
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: this process's Keras backend, quiet backend start-up."""
+    return {
+        "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
