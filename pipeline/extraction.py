@@ -89,7 +89,7 @@ def extract_split(
     """
     layers = list(fingerprint.layers)
     storage_dtype = fingerprint.extract["storage_dtype"]
-    widths = {layer: int(o.shape[-1]) for layer, o in zip(layers, model.outputs)}
+    widths = _widths(model, fingerprint)
     budget = Budget.plan(
         memory_mb,
         batch_size,
@@ -99,7 +99,7 @@ def extract_split(
     )
     writer = ChunkWriter(scratch, widths, storage_dtype)
     n = len(images)
-    done = writer.rows_done()
+    done = writer.rows_done()  # what _rows_left says
     engine = engine or LocalEngine(model, batch_size, storage_dtype)
     with (
         tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar,
@@ -117,6 +117,16 @@ def extract_split(
             shutil.rmtree(scratch, ignore_errors=True)
             raise _changed_since_prepare(images_sha256[0])
     writer.assemble(out, n, labels, {**attrs, "fingerprint": fingerprint.model_dump(mode="json")})
+
+
+def _widths(model, fingerprint: Fingerprint) -> dict[str, int]:
+    return {layer: int(o.shape[-1]) for layer, o in zip(fingerprint.layers, model.outputs)}
+
+
+def _rows_left(model, fingerprint: Fingerprint, images, scratch: Path, batch_size: int) -> range:
+    """The rows extract_split will stream: from the end of the chunks already in `scratch`."""
+    writer = ChunkWriter(scratch, _widths(model, fingerprint), fingerprint.extract["storage_dtype"])
+    return range(writer.rows_done(), len(images), batch_size)
 
 
 def _changed_since_prepare(path: Path) -> FeatureStoreError:
@@ -161,20 +171,29 @@ def extract_all(
     with held:  # released once on exit (`with lock:` would acquire a second time)
         remove_abandoned(scratch_root, key)
         work = scratch_root / key
+        pending = []
         for split in SPLITS:
-            done = work / f"{split}.h5"
-            if _finished(done, fingerprint):
+            if _finished(work / f"{split}.h5", fingerprint):
                 print(f"{split}: finished by an earlier run, kept")
                 continue
             images, labels = load_split(prepared_dir, split, prepared, decode_workers)
             labels_file = Path(prepared_dir) / f"{split}_labels.npy"
             if file_sha256(labels_file) != prepared.sha256[labels_file.name]:
                 raise _changed_since_prepare(labels_file)
+            pending.append((split, images, labels))
+        if hasattr(engine, "plan"):  # one pass of the engine over every split left
+            engine.plan(
+                [
+                    (images, _rows_left(model, fingerprint, images, work / split, batch_size))
+                    for split, images, _ in pending
+                ]
+            )
+        for split, images, labels in pending:
             extract_split(
                 model,
                 images,
                 labels,
-                done,
+                work / f"{split}.h5",
                 fingerprint,
                 {"split": split, "class_names": prepared.class_names},
                 batch_size,

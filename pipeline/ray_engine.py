@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,7 +60,8 @@ def ray_session(cfg: RayConfig, env: dict[str, str]):
 
 
 class RayEngine:
-    """The extract stream on Ray Data: `stream` has the local engine's signature."""
+    """The extract stream on Ray Data: `stream` has the local engine's signature. One
+    dataset, so one actor pool, serves every split `plan` lists."""
 
     def __init__(
         self,
@@ -74,21 +75,58 @@ class RayEngine:
         weights `weights_used`, at the `precision` extract.precision resolved to here."""
         self.model = (backbone, cfg, size, precision, weights_used)
         self.cfg = cfg
+        self._jobs: list[tuple[object, range]] = []
+        self._results: Generator[dict] | None = None
+
+    def plan(self, jobs: list[tuple[object, range]]) -> None:
+        """The (images, rows) that `stream` will be called with, in order."""
+        self._jobs, self._results = list(jobs), None
 
     def stream(self, images, rows: range, write, budget: Budget, progress) -> None:
-        run_stream(
-            lambda i, j: (i, j),  # the cluster reads; this process only writes
-            rows,
-            lambda ranges: self._outputs(images, list(ranges)),
-            write,
-            budget,
-            progress,
-        )
+        if not self._jobs:  # not planned: a dataset of its own
+            self.plan([(images, rows)])
+        if self._results is None:
+            self._results, self._next = self._run(self._jobs), 0
+        job = self._next
+        planned_images, planned_rows = self._jobs[job]
+        if planned_images is not images or planned_rows != rows:
+            raise RuntimeError("RayEngine.stream called with rows that plan did not list")
+        try:
+            run_stream(
+                lambda i, j: (i, j),  # the cluster reads; this process only writes
+                rows,
+                lambda ranges: self._outputs(job, list(ranges)),
+                write,
+                budget,
+                progress,
+            )
+        except BaseException:
+            self._results.close()  # stops the dataset: Ray cannot shut down under it
+            self.plan([])
+            raise
+        self._next += 1
+        if self._next == len(self._jobs):
+            self.plan([])
 
-    def _outputs(self, images, ranges: list[tuple[int, int]]) -> Iterator[list[np.ndarray]]:
+    def _outputs(self, job: int, ranges: list[tuple[int, int]]) -> Iterator[list[np.ndarray]]:
+        for first, _ in ranges:
+            row = next(self._results)
+            if row["error"]:
+                raise InputError(str(row["error"]))
+            if (int(row["job"]), int(row["first"])) != (job, first):
+                raise RuntimeError(
+                    f"Ray returned rows {row['job']}:{row['first']}, expected {job}:{first}"
+                )
+            yield [row[f"out{k}"] for k in range(sum(key.startswith("out") for key in row))]
+
+    def _run(self, jobs: list[tuple[object, range]]) -> Generator[dict]:
         import ray.data
 
-        read, items = _reader(images, ranges)
+        readers, items = [], []
+        for job, (images, rows) in enumerate(jobs):
+            read, job_items = _reader(images, [(i, min(i + rows.step, rows.stop)) for i in rows])
+            readers.append(read)
+            items.extend({"job": job, **item} for item in job_items)
         cfg = self.cfg.ray
         gpus = cfg.gpus_per_actor
         if gpus is None:
@@ -101,7 +139,7 @@ class RayEngine:
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
             dataset = (
                 ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-                .map(read, num_cpus=1)
+                .map(lambda item: {"job": item["job"], **readers[item["job"]](item)}, num_cpus=1)
                 .map_batches(
                     _actor(*self.model),
                     batch_size=1,
@@ -114,14 +152,7 @@ class RayEngine:
                     max_restarts=0,
                 )
             )
-        expected = iter(ranges)
-        for row in dataset.iter_rows():
-            if row["error"]:
-                raise InputError(str(row["error"]))
-            first, _ = next(expected)
-            if int(row["first"]) != first:
-                raise RuntimeError(f"Ray returned rows from {row['first']}, expected {first}")
-            yield [row[f"out{k}"] for k in range(len(row) - 2)]
+        return (row for row in dataset.iter_rows())
 
 
 def _reader(images, ranges: list[tuple[int, int]]) -> tuple[Callable, list[dict]]:
@@ -129,11 +160,21 @@ def _reader(images, ranges: list[tuple[int, int]]) -> tuple[Callable, list[dict]
     for a manifest its files (so that no task is sent the whole listing). What the user can
     fix travels back as the row's `error`, so that the stage says it in one line."""
     if isinstance(images, NpyRows):
-        path = str(images.path)
+        path, shape = str(images.path), images.shape[1:]
 
         def read_arrays(item: dict) -> dict:
-            images = NpyRows(path)[item["first"] : item["stop"]]
-            return {"first": item["first"], "images": images, "error": ""}
+            try:
+                images, error = NpyRows(path)[item["first"] : item["stop"]], ""
+            except OSError as exc:
+                images, error = (
+                    np.zeros((0, *shape), np.uint8),
+                    (
+                        f"a Ray worker cannot read {path} ({exc.strerror or exc}): on a cluster, put "
+                        "the project on a filesystem every node reads, or set data.prepared: "
+                        "manifest (workers then read the files under data.path)"
+                    ),
+                )
+            return {"first": item["first"], "images": images, "error": error}
 
         return read_arrays, [{"first": i, "stop": j} for i, j in ranges]
     if isinstance(images, FileRows):
@@ -188,9 +229,10 @@ def _actor(
         def __call__(self, batch: dict) -> dict:
             error = self.error or str(batch["error"][0])
             if error:
-                return {"first": batch["first"], "error": [error]}
+                return {"job": batch["job"], "first": batch["first"], "error": [error]}
             outputs = self.forward.run(batch["images"][0])
             return {
+                "job": batch["job"],
                 "first": batch["first"],
                 "error": [""],
                 **{f"out{k}": [o] for k, o in enumerate(outputs)},

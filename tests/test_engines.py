@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from conftest import dvc, dvc_repo, ran
 
-from pipeline.config import ConfigError, DataConfig, RayConfig
-from pipeline.data import DataError, load_split, prepare
+from pipeline.config import BackboneConfig, ConfigError, DataConfig, ExtractConfig, RayConfig
+from pipeline.data import DataError, NpyRows, load_split, prepare
+from pipeline.errors import InputError
 from pipeline.files import Tree
-from pipeline.ray_engine import ray_session
+from pipeline.ray_engine import RayEngine, ray_session, worker_env
+from pipeline.stream import Budget
 
 SPLITS = ("train", "val", "test")
 
@@ -143,6 +145,20 @@ def test_a_file_a_ray_worker_refuses_is_one_line_from_the_stage(project, tmp_pat
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("extract: "), result.stderr
     assert f"{name} changed after prepare listed it" in lines[0]
+
+
+def test_prepared_arrays_a_ray_worker_cannot_read_are_one_clear_error(tmp_path):
+    """On a cluster without a shared filesystem the workers cannot open data/prepared."""
+    np.save(tmp_path / "train_images.npy", np.zeros((8, 32, 32, 3), np.uint8))
+    images = NpyRows(tmp_path / "train_images.npy")
+    (tmp_path / "train_images.npy").unlink()  # this process keeps its open file
+    cfg = ExtractConfig(
+        layers={"block5_pool": "avg"}, batch_size=4, storage_dtype="float32", precision="float32"
+    )
+    engine = RayEngine(BackboneConfig(weights="random"), cfg, 32, "float32", "random")
+    with ray_session(RayConfig(), worker_env()):
+        with pytest.raises(InputError, match="a Ray worker cannot read .*train_images.npy"):
+            engine.stream(images, range(0, 8, 4), lambda *a: None, Budget(2, 2, 4), print)
 
 
 def test_the_ray_engine_without_ray_says_what_to_install(monkeypatch):
