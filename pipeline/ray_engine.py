@@ -163,34 +163,29 @@ def _reader(images, ranges: list[tuple[int, int]]) -> tuple[Callable, list[dict]
         path, shape = str(images.path), images.shape[1:]
 
         def read_arrays(item: dict) -> dict:
+            first = item["first"]
             try:
-                images, error = NpyRows(path)[item["first"] : item["stop"]], ""
+                return {"first": first, "images": NpyRows(path)[first : item["stop"]], "error": ""}
             except OSError as exc:
-                images, error = (
-                    np.zeros((0, *shape), np.uint8),
-                    (
-                        f"a Ray worker cannot read {path} ({exc.strerror or exc}): on a cluster, put "
-                        "the project on a filesystem every node reads, or set data.prepared: "
-                        "manifest (workers then read the files under data.path)"
-                    ),
+                error = (
+                    f"a Ray worker cannot read {path} ({exc.strerror or exc}): on a cluster, put "
+                    "the project on a filesystem every node reads, or set data.prepared: "
+                    "manifest (workers then read the files under data.path)"
                 )
-            return {"first": item["first"], "images": images, "error": error}
+                return {"first": first, "images": np.zeros((0, *shape), np.uint8), "error": error}
 
         return read_arrays, [{"first": i, "stop": j} for i, j in ranges]
     if isinstance(images, FileRows):
         root, size, interpolation = images.root, images.shape[1], images.interpolation
 
         def read_files(item: dict) -> dict:
+            files, digests = list(item["files"]), list(item["sha256"])
             try:
-                decoded, error = (
-                    decode_listed(
-                        root, list(item["files"]), list(item["sha256"]), size, interpolation, 1
-                    ),
-                    "",
-                )
+                decoded = decode_listed(root, files, digests, size, interpolation, 1)
             except InputError as exc:
-                decoded, error = np.zeros((0, size, size, 3), np.uint8), str(exc)
-            return {"first": item["first"], "images": decoded, "error": error}
+                empty = np.zeros((0, size, size, 3), np.uint8)
+                return {"first": item["first"], "images": empty, "error": str(exc)}
+            return {"first": item["first"], "images": decoded, "error": ""}
 
         items = [
             {"first": i, "files": images.files[i:j], "sha256": images.sha256[i:j]}
