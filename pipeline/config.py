@@ -106,8 +106,8 @@ class ExtractConfig(_Section):
 
     def provenance(self) -> dict:
         """The params that decide the features, not how they are computed (how much is in
-        flight, where: both engines write the same features, and a run killed for memory
-        resumes under a lower budget or on another engine)."""
+        flight, where: both engines write the same features to float rounding, and a run
+        killed for memory resumes under a lower budget or on another engine)."""
         return self.model_dump(mode="json", exclude={"memory_mb", "engine", "ray"})
 
     @field_validator("layers")

@@ -4,7 +4,8 @@ Each batch of images is one Ray row: CPU tasks read it from the prepared arrays,
 and check its files (data.prepared: manifest), an actor pool runs the backbone (one
 compiled model per actor, on extract.ray.gpus_per_actor GPUs), and the outputs stream back in
 order to this process, which writes them through the same stream and feature store as the
-local engine: same batches, same model, same features, same fingerprint and resume.
+local engine: same batches, same model, same fingerprint and resume (the features equal the
+local engine's to float rounding: a CPU actor may sum in another order).
 """
 
 from __future__ import annotations
