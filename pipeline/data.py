@@ -14,6 +14,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,30 +327,32 @@ def decode_file(path: Path | RemoteFile, size: int, interpolation: str) -> np.nd
 
 def decode_bytes(data: bytes, size: int, interpolation: str) -> np.ndarray:
     """Decode one image file's bytes (ValueError with a short reason when unusable)."""
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers size x size
-            img.draft(img.mode, (size, size))
-            img.load()
-            return resize(ImageOps.exif_transpose(img), size, interpolation)
-    except UnidentifiedImageError:
-        raise ValueError("not an image PIL can identify") from None
-    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"unreadable or truncated image: {exc}") from None
+    with _image(data) as img:
+        # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers size x size
+        img.draft(img.mode, (size, size))
+        img.load()
+        return resize(ImageOps.exif_transpose(img), size, interpolation)
 
 
 def _identify(data: bytes) -> None:
     """What prepare checks of a file it lists without decoding: an image PIL can identify."""
+    with _image(data):
+        pass
+
+
+@contextmanager
+def _image(data: bytes) -> Iterator[Image.Image]:
+    """The image in `data`, opened lazily; what goes wrong in it is a ValueError with a
+    short reason."""
     if not data:
         raise ValueError("empty file (0 bytes)")
     try:
-        Image.open(io.BytesIO(data)).close()
+        with Image.open(io.BytesIO(data)) as img:
+            yield img
     except UnidentifiedImageError:
         raise ValueError("not an image PIL can identify") from None
     except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"unreadable image: {exc}") from None
+        raise ValueError(f"unreadable or truncated image: {exc}") from None
 
 
 def decode_workers(cfg: DataConfig) -> int:
