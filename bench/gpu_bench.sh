@@ -8,9 +8,15 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 \
 #     -d .whl keras namex optree pydantic pydantic-core annotated-types typing-inspection \
-#     filelock ruamel.yaml
+#     filelock ruamel.yaml \
+#     ray pandas python-dateutil pytz tzdata six msgpack protobuf click jsonschema \
+#     jsonschema-specifications referencing rpds-py attrs typing-extensions
+#   python3 bench/slim_ray_wheel.py .whl/ray-*.whl      # 79 MB -> 45 MB: all of .whl/ is 62 MiB
 #   cp "$(python3 -c 'import skimage, os; print(os.path.dirname(skimage.__file__))')/data/retina.jpg" .whl/
+#
+# (the second and third lines of wheels are for the ray-engine row; without them it is skipped)
 #
 # then on the GPU host, from the repository root: bash bench/gpu_bench.sh
 # IMAGES, SIZE, BATCH and PRECISION override the defaults (10000, 224, 256, mixed_bfloat16).
@@ -25,7 +31,7 @@ ray=()
 if python3 -c "import ray.data" 2> /dev/null; then
   ray=(--ray)
 else
-  echo "row r (ray engine) skipped: Ray is not installed here (its Python 3.12 wheel, 79 MB, is over the 64 MiB a run may carry)"
+  echo "row r (ray engine) skipped: Ray is not installed here (carry it as the header says)"
 fi
 timeout 300 python3 bench/extract_bench.py --size "${SIZE:-224}" --images "${IMAGES:-10000}" \
   --batch-size "${BATCH:-256}" --precision "${PRECISION:-mixed_bfloat16}" --repeats 1 "${ray[@]}"
