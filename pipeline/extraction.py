@@ -79,8 +79,10 @@ def extract_split(
     images_sha256: tuple[Path, str] | None = None,
     memory_mb: int = 512,
     engine=None,
+    rows: range | None = None,
 ) -> None:
-    """Stream `images` through `model` into `out`, resuming from the chunks in `scratch`;
+    """Stream `images` through `model` into `out`, resuming from the chunks in `scratch`
+    (`rows`: those left, when the caller has counted the kept chunks already);
     reading, the forward pass and writing overlap within `memory_mb` (stream.run_stream), on
     `engine` (LocalEngine by default, or ray_engine.RayEngine).
 
@@ -99,7 +101,9 @@ def extract_split(
     )
     writer = ChunkWriter(scratch, widths, storage_dtype)
     n = len(images)
-    done = writer.rows_done()  # what _rows_left says
+    if rows is None:
+        rows = _rows_left(model, fingerprint, images, scratch, batch_size)
+    done = rows.start
     engine = engine or LocalEngine(model, batch_size, storage_dtype)
     with (
         tqdm(total=n, initial=done, desc=desc, unit="img", smoothing=0.1) as bar,
@@ -108,7 +112,7 @@ def extract_split(
         check = hashing.submit(file_sha256, images_sha256[0]) if images_sha256 else None
         engine.stream(
             images,
-            range(done, n, batch_size),
+            rows,
             lambda first, outputs: writer.write(first, dict(zip(layers, outputs))),
             budget,
             bar.update,
@@ -180,15 +184,11 @@ def extract_all(
             labels_file = Path(prepared_dir) / f"{split}_labels.npy"
             if file_sha256(labels_file) != prepared.sha256[labels_file.name]:
                 raise _changed_since_prepare(labels_file)
-            pending.append((split, images, labels))
+            rows = _rows_left(model, fingerprint, images, work / split, batch_size)
+            pending.append((split, images, labels, rows))
         if hasattr(engine, "plan"):  # one pass of the engine over every split left
-            engine.plan(
-                [
-                    (images, _rows_left(model, fingerprint, images, work / split, batch_size))
-                    for split, images, _ in pending
-                ]
-            )
-        for split, images, labels in pending:
+            engine.plan([(images, rows) for _, images, _, rows in pending])
+        for split, images, labels, rows in pending:
             extract_split(
                 model,
                 images,
@@ -202,6 +202,7 @@ def extract_all(
                 images_sha256=(images.path, prepared.sha256[images.path.name]),
                 memory_mb=memory_mb,
                 engine=engine,
+                rows=rows,
             )
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
