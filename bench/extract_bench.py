@@ -446,6 +446,12 @@ def main() -> None:
     device, gpu = device_name(args.backend_agnostic)
     rows: list[tuple[str, str, float | None, float | None, str]] = []
 
+    def add(row: tuple) -> None:
+        """Keep a row for the table, and show it at once: a run cut short keeps what it measured."""
+        rows.append(row)
+        print(f"row {row[0]}: {row[2]:,.1f} images/s  ({row[1]})", file=sys.stderr, flush=True)
+
+
     with tempfile.TemporaryDirectory(prefix="extract_bench_") as tmp:
         work = Path(tmp)
         prepared = write_prepared(work / "prepared", n, args.size)
@@ -464,7 +470,7 @@ def main() -> None:
         single = keras.Model(backbone.inputs, backbone.get_layer(deepest).output)
         single.predict(x32[:bs], batch_size=bs, verbose=0)
         a_s = best(lambda: single.predict(x32, batch_size=bs, verbose=0), args.repeats)
-        rows.append(
+        add(
             (
                 "a",
                 f"bare model.predict, {deepest} only (float32 numpy, preprocessed)",
@@ -482,7 +488,7 @@ def main() -> None:
             args.repeats,
             timed=True,
         )
-        rows.append(
+        add(
             (
                 "b",
                 f"project extract end to end, {len(layers)} layers (.npy -> .h5)",
@@ -494,7 +500,7 @@ def main() -> None:
 
         if args.ray:
             r_s = ray_extract_seconds(args, model, layers, prepared, work / "out_r")
-            rows.append(
+            add(
                 (
                     "r",
                     f"project extract on the ray engine, one actor, {len(layers)} layers",
@@ -513,7 +519,7 @@ def main() -> None:
             args.repeats,
             timed=True,
         )
-        rows.append(("c", f"project extract end to end, {deepest} only", n / c_s, c_s, ""))
+        add(("c", f"project extract end to end, {deepest} only", n / c_s, c_s, ""))
 
         # d: naive, one single-output model.predict per layer on float32 numpy
         nd = min(n, args.naive_images or 2000)
@@ -532,7 +538,7 @@ def main() -> None:
                 ] != "none" else maps.reshape(nd, -1)
 
         d_s = best(naive, args.repeats)
-        rows.append(
+        add(
             (
                 "d",
                 f"naive: one model.predict per layer ({len(layers)}), float32 numpy",
@@ -549,18 +555,18 @@ def main() -> None:
         flop_s = matmul_flops(side, dtype, args.backend_agnostic, args.seconds)
         ceiling = flop_s / flops
         what = f"ceiling: matmul {side}^3 {dtype} {flop_s / 1e12:.3f} TFLOP/s / {flops / 1e9:.3f} GFLOP per image"
-        rows.append(("e1", what, ceiling, None, ""))
+        add(("e1", what, ceiling, None, ""))
 
         # e2: device-only forward
         batch = images[:bs] if len(images) >= bs else np.resize(images, (bs, *images.shape[1:]))
         e2, how = device_forward_rate(
             model, np.ascontiguousarray(batch), args.backend_agnostic, args.seconds
         )
-        rows.append(("e2", f"device-only forward of the extractor ({how})", e2, None, ""))
+        add(("e2", f"device-only forward of the extractor ({how})", e2, None, ""))
 
         mem = [] if args.no_memory else memory_rows(args, work)
         for (count, seconds, rss), label in zip(mem, ("1x", f"{args.memory_multiple}x")):
-            rows.append(
+            add(
                 (
                     f"m{label}",
                     f"extract end to end in a subprocess, {count} images",
