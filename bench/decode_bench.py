@@ -3,7 +3,7 @@
 The photo is scikit-image's `retina.jpg` (1411x1411, 2.0 MP; install scikit-image beside the
 project, or give the file with --photo), copied --images times. Rows: plain PIL (open, RGB, resize) on one thread; the
 project's `data.decode_file` (JPEG draft mode, then the same resize) on one thread; and the
-project's threaded decoding (`data.decode_split`) on 1, 2, ... every core. Each row prints
+project's threaded decoding (`preparation.decode_split`) on 1, 2, ... every core. Each row prints
 images/s and images/s per thread.
 
     python bench/decode_bench.py --images 200 --size 224
@@ -22,7 +22,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import Split, decode_file, decode_split
+from pipeline.data import decode_file
+from pipeline.preparation import decode_split
+from pipeline.sources import Split
 
 
 def photo(path: Path | None) -> Path:

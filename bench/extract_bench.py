@@ -451,7 +451,6 @@ def main() -> None:
         rows.append(row)
         print(f"row {row[0]}: {row[2]:,.1f} images/s  ({row[1]})", file=sys.stderr, flush=True)
 
-
     with tempfile.TemporaryDirectory(prefix="extract_bench_") as tmp:
         work = Path(tmp)
         prepared = write_prepared(work / "prepared", n, args.size)

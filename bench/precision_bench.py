@@ -22,9 +22,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import DataConfig
-from pipeline.data import SPLITS, load_split, prepare
+from pipeline.data import SPLITS, load_split
 from pipeline.forward import Forward
 from pipeline.layers import build_extractor
+from pipeline.preparation import prepare
 from pipeline.scoring import score
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")

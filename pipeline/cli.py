@@ -27,7 +27,7 @@ def init(target: Path, images: str, backbone: str, image_size: int | None, weigh
     from ruamel.yaml import YAML
 
     from pipeline.config import parse_params
-    from pipeline.data import load_source
+    from pipeline.sources import load_source
 
     target = Path(target).resolve()
     if shutil.which("git") is None:

@@ -26,12 +26,19 @@ LOCK_WAIT_S = 5
 
 
 def versions() -> dict:
+    """What the features record of the libraries that computed and stored them (see
+    provenance.LIBRARIES for those a new version of re-runs extract)."""
+    import importlib
+
     import h5py
     import keras
 
+    backend = keras.backend.backend()
     return {
         "keras": keras.__version__,
-        "backend": keras.backend.backend(),
+        "backend": backend,
+        "backend_version": importlib.import_module(backend).__version__,
+        "numpy": np.__version__,
         "h5py": h5py.__version__,
     }
 

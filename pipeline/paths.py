@@ -13,6 +13,11 @@ TRAIN_METRICS = Path("metrics/train")
 BEST = Path("models/best.json")
 
 
+def library_record(distribution: str) -> Path:
+    """Where scan records a library's version (provenance.LIBRARIES)."""
+    return SCAN / f"{distribution}.json"
+
+
 def cell(layer: str, head: str) -> str:
     return f"{layer}-{head}"
 

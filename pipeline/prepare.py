@@ -2,7 +2,7 @@
 
 from pipeline import paths
 from pipeline.config import load_params
-from pipeline.data import prepare
+from pipeline.preparation import prepare
 from pipeline.stage import run_stage
 
 

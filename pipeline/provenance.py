@@ -1,14 +1,17 @@
-"""Provenance: each stage's code digest, and the check that an artefact is exactly what the
-current params and code would produce.
+"""Provenance: each stage's code digest and libraries, and the check that an artefact is
+exactly what the current params and code would produce.
 
 A stage's code is the closure of its module's imports within `pipeline/`: the same list
-dvc.yaml names as the stage's deps (tests/test_provenance.py checks the two agree).
+dvc.yaml names as the stage's deps (tests/test_provenance.py checks the two agree). Its
+libraries are those of LIBRARIES that this code imports; `scan` records their versions
+(data/scan/<distribution>.json) and dvc.yaml names those records as the stage's deps too.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 from functools import cache
 from pathlib import Path
 
@@ -17,14 +20,21 @@ from pipeline.config import Params, TrainConfig
 from pipeline.records import PreparedRecord, RecordError, SourceRecord, WeightsRecord
 
 PACKAGE = Path(__file__).resolve().parent
+# import name -> distribution, for the libraries whose next version may change a stage's
+# results beyond float rounding: Keras defines the backbones, their preprocessing and the dense
+# head, Pillow decodes and resizes, scikit-learn splits the data and fits the heads. The
+# backend (TensorFlow, JAX, PyTorch), numpy and h5py change float rounding at most, as another
+# device or engine does: the features record them (Fingerprint.versions), nothing compares them.
+LIBRARIES = {"keras": "keras", "PIL": "pillow", "sklearn": "scikit-learn"}
 
 
 class StaleError(RecordError):
     """An artefact was made by other params, inputs or code than the current ones."""
 
 
-def _imports(module: str) -> set[str]:
-    """Modules of this package that `pipeline/<module>.py` imports, at any depth of its code."""
+@cache
+def _imported(module: str) -> frozenset[str]:
+    """Every dotted name `pipeline/<module>.py` imports, at any depth of its code."""
     tree = ast.parse((PACKAGE / f"{module}.py").read_text())
     names = set()
     for node in ast.walk(tree):
@@ -33,6 +43,12 @@ def _imports(module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return frozenset(names)
+
+
+def _imports(module: str) -> set[str]:
+    """Modules of this package that `pipeline/<module>.py` imports."""
+    names = _imported(module)
     found = set()
     for name in names:
         parts = name.split(".")
@@ -51,6 +67,20 @@ def stage_modules(stage: str) -> tuple[str, ...]:
             seen.add(module)
             todo.extend(_imports(module) - seen)
     return tuple(sorted(f"pipeline/{m}.py" for m in seen))
+
+
+@cache
+def stage_libraries(stage: str) -> tuple[str, ...]:
+    """The distributions of LIBRARIES that the stage's code imports, sorted."""
+    tops = {
+        name.split(".")[0] for path in stage_modules(stage) for name in _imported(Path(path).stem)
+    }
+    return tuple(sorted(LIBRARIES[top] for top in tops & set(LIBRARIES)))
+
+
+def library_version(distribution: str) -> str:
+    """The installed version, as pip reports it."""
+    return importlib.metadata.version(distribution)
 
 
 @cache

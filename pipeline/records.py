@@ -93,6 +93,13 @@ class WeightsRecord(Record):
     identity: str
 
 
+class LibraryRecord(Record):
+    """data/scan/<distribution>.json: the installed version of a library stages depend on."""
+
+    library: str
+    version: str
+
+
 class PreparedRecord(Record):
     """data/prepared/meta.json: decoded images made once from the source."""
 

@@ -13,8 +13,10 @@ from conftest import SMALL_PARAMS, deep_merge, write_image
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError, decode_file, folder_source, load_source, prepare
+from pipeline.data import DataError, decode_file
+from pipeline.preparation import prepare
 from pipeline.records import PreparedRecord, RecordError
+from pipeline.sources import folder_source, load_source
 
 GOOD_MODES = [  # file name, PIL mode, format
     ("grey.png", "L", None),
@@ -310,8 +312,9 @@ def test_decoding_uses_every_core_unless_capped(monkeypatch, tmp_path):
     import threading
     import time
 
-    from pipeline import data
-    from pipeline.data import Split, decode_split
+    from pipeline import data, preparation
+    from pipeline.preparation import decode_split
+    from pipeline.sources import Split
 
     active, most, lock = [0], [0], threading.Lock()
 
@@ -324,7 +327,7 @@ def test_decoding_uses_every_core_unless_capped(monkeypatch, tmp_path):
             active[0] -= 1
         return np.zeros((size, size, 3), np.uint8)
 
-    monkeypatch.setattr(data, "decode_file", slow_decode)
+    monkeypatch.setattr(preparation, "decode_file", slow_decode)
     files = [tmp_path / f"{i}.jpg" for i in range(12)]
     split = Split(labels=np.zeros(12, np.int64), paths=files, ids=[f.name for f in files])
     assert len(list(decode_split("t", split, data_config(decode_workers=3)))) == 12

@@ -15,9 +15,10 @@ import pytest
 from conftest import dvc, dvc_repo, ran
 
 from pipeline.config import BackboneConfig, ConfigError, DataConfig, ExtractConfig, RayConfig
-from pipeline.data import DataError, NpyRows, load_split, prepare
+from pipeline.data import DataError, NpyRows, load_split
 from pipeline.errors import InputError
 from pipeline.files import Tree
+from pipeline.preparation import prepare
 from pipeline.ray_engine import RayEngine, ray_session, worker_env
 from pipeline.stream import Budget
 

@@ -27,7 +27,8 @@ from sklearn.svm import LinearSVC
 
 from pipeline import paths
 from pipeline.config import ConfigError, FinetuneConfig, parse_params
-from pipeline.data import load_split, prepare, source_record
+from pipeline.data import load_split
+from pipeline.preparation import prepare
 from pipeline.provenance import code_digest, expected_features, head_params
 from pipeline.records import (
     BestChoice,
@@ -37,6 +38,7 @@ from pipeline.records import (
     WeightsRecord,
     file_sha256,
 )
+from pipeline.sources import source_record
 from pipeline.synthetic import write_features
 
 BACKBONE, LAYER, REDUCTION, UNFREEZE = "mobilenet_v2", "block_5_add", "avg", "block_4_expand"

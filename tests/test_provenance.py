@@ -16,23 +16,30 @@ import pytest
 import yaml
 from conftest import REPO
 
-from pipeline import extraction, provenance, store
+from pipeline import extraction, paths, provenance, store
 from pipeline.config import load_params
-from pipeline.data import DataError, NpyRows, load_split, prepare
+from pipeline.data import DataError, NpyRows, load_split
+from pipeline.preparation import prepare
 from pipeline.records import PreparedRecord, RecordError
 from pipeline.store import FeatureStoreError, open_splits
 
 # ---------------------------------------------------------------- dvc.yaml deps
 
 
-def test_dvc_yaml_lists_every_module_each_stage_imports():
+def test_dvc_yaml_lists_every_module_and_library_each_stage_imports():
     """A stage's deps name exactly the modules its CLI imports, transitively (lazy imports
-    inside functions too), so a code change re-runs every stage that runs that code."""
+    inside functions too), and scan's version records of the libraries that code imports, so
+    a code change or a new library version re-runs every stage that runs that code."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    records = {str(paths.library_record(d)) for d in provenance.LIBRARIES.values()}
+    assert records <= set(stages["scan"]["outs"])
     for name, stage in stages.items():
         module = stage["cmd"].split("pipeline.")[1].split()[0]
         listed = {d for d in stage["deps"] if d.startswith("pipeline/")}
         assert listed == set(provenance.stage_modules(module)), name
+        if name != "scan":  # it writes them
+            wanted = {str(paths.library_record(d)) for d in provenance.stage_libraries(module)}
+            assert records & set(stage["deps"]) == wanted, name
 
 
 def test_the_import_closure_follows_lazy_imports():
@@ -40,6 +47,14 @@ def test_the_import_closure_follows_lazy_imports():
     assert {"pipeline/heads.py", "pipeline/data.py"} <= set(provenance.stage_modules("finetune"))
     assert "pipeline/heads.py" not in provenance.stage_modules("extract")
     assert provenance.code_digest("extract") != provenance.code_digest("train")
+
+
+def test_a_new_scikit_learn_never_reruns_the_backbone():
+    """scikit-learn splits the data (prepare) and fits the heads; the extract stage's code
+    does not import it, so its version is not among extract's deps."""
+    assert provenance.stage_libraries("extract") == ("keras", "pillow")
+    assert provenance.stage_libraries("prepare") == ("keras", "pillow", "scikit-learn")
+    assert provenance.stage_libraries("train") == ("keras", "scikit-learn")
 
 
 # ---------------------------------------------------------------- prepared data
@@ -340,7 +355,7 @@ def test_records_refuse_a_wrong_schema(tmp_path):
 
 def test_prepare_is_atomic_over_an_earlier_result(project, monkeypatch):
     """A prepare that fails part-way leaves the earlier data/prepared as it was."""
-    from pipeline import data
+    from pipeline import preparation
 
     project.main("scan")
     project.main("prepare")
@@ -349,7 +364,7 @@ def test_prepare_is_atomic_over_an_earlier_result(project, monkeypatch):
     def failing(*args, **kwargs):
         raise DataError("a bad image")
 
-    monkeypatch.setattr(data, "decode_split", failing)
+    monkeypatch.setattr(preparation, "decode_split", failing)
     with pytest.raises(DataError, match="a bad image"):
         prepare(load_params().data, project.prepared)
     assert (project.prepared / "meta.json").read_text() == before

@@ -107,6 +107,35 @@ def test_a_module_imported_by_extract_reruns_it_when_changed(tmp_path):
         assert stage in status, status
 
 
+def install_metadata(root: Path, distribution: str, version: str) -> None:
+    """Metadata of `distribution` at `version`, ahead of the installed one on the stages'
+    sys.path (`python -m` puts the repository first): what an upgrade would report."""
+    info = root / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n"
+    )
+
+
+def test_a_new_library_version_reruns_exactly_the_stages_that_import_it(tmp_path):
+    """scan records the installed Keras, Pillow and scikit-learn. A new scikit-learn re-runs
+    prepare (its splits) and the stages that fit or score heads, not the backbone: prepare
+    gives the same arrays, so DVC keeps the features. A new Keras re-runs the backbone."""
+    root = dvc_repo(tmp_path / "repo", SMALL, ONE_LAYER)
+    dvc(root, "repro")
+    install_metadata(root, "scikit-learn", "99.0")
+    output = dvc(root, "repro")
+    assert {"prepare", "train@logreg", "select", "evaluate"} <= ran(output)
+    assert "extract" not in ran(output)
+    assert json.loads((root / "data/scan/scikit-learn.json").read_text())["version"] == "99.0"
+    assert ran(dvc(root, "repro")) == {"scan"}
+
+    install_metadata(root, "keras", "99.0")
+    dvc(root, "repro", "scan")
+    status = dvc(root, "status", "extract")
+    assert "extract:" in status and "data/scan/keras.json" in status, status
+
+
 def _kill_during_extract(root: Path) -> None:
     """Run `python -m pipeline.extract` with one batch per chunk; SIGKILL it part-way."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
