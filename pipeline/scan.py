@@ -29,9 +29,10 @@ def main(_) -> None:
     weights.write(paths.WEIGHTS_RECORD)
     for library in libraries:
         library.write(paths.library_record(library.library))
+    files = f" ({source.files} files)" if source.source == "folder" else ""
     print(
-        f"scan: params valid; source {source.source} ({source.files} files); weights "
-        f"{weights.identity[:24]}; " + ", ".join(f"{r.library} {r.version}" for r in libraries)
+        f"scan: params valid; source {source.source}{files}; weights {weights.identity[:24]}; "
+        + ", ".join(f"{r.library} {r.version}" for r in libraries)
     )
 
 
