@@ -109,7 +109,7 @@ def extract_split(
     writer = ChunkWriter(scratch, widths, storage_dtype)
     n = len(images)
     if rows is None:
-        rows = _rows_left(model, fingerprint, images, scratch, batch_size)
+        rows = range(writer.rows_done(), n, batch_size)
     done = rows.start
     engine = engine or LocalEngine(model, batch_size, storage_dtype)
     with (
