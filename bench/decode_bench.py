@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import DataConfig
-from pipeline.data import decode_file
-from pipeline.preparation import decode_split
-from pipeline.sources import Split
+from pipeline.data.decoding import decode_file
+from pipeline.data.ingest import decode_split
+from pipeline.data.sources import Split
+from pipeline.project.params import DataConfig
 
 
 def photo(path: Path | None) -> Path:

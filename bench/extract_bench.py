@@ -4,7 +4,7 @@ Rows (images/s over the same random uint8 images):
   a  bare `model.predict` of the deepest requested layer alone: a single-output keras.Model,
      float32 numpy input already preprocessed (preprocessing not timed)
   b  the project's extract end to end: prepared uint8 .npy on disk -> features HDF5 on disk,
-     through pipeline.extraction.extract_split, every requested layer in one pass
+     through pipeline.features.job.extract_split, every requested layer in one pass
   c  the same with only the deepest layer
   d  the naive way: one single-output model.predict per layer on float32 numpy, numpy pooling
   e1 ceiling: a large matmul's FLOP/s (bf16 on GPU, float32 on CPU) over the extractor's
@@ -41,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TQDM_DISABLE", "1")
 logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes of the naive row
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic.py
 
 import numpy as np  # noqa: E402 - after the environment set above
 
@@ -83,10 +84,11 @@ def run_extract(
 ) -> float:
     """The project's extract of the prepared train split (on `engine`: local by default);
     returns the seconds it took."""
-    from pipeline.data import load_split
-    from pipeline.extraction import extract_split
-    from pipeline.records import file_sha256
-    from pipeline.synthetic import synthetic_fingerprint
+    from synthetic import synthetic_fingerprint
+
+    from pipeline.data.arrays import NpyRows
+    from pipeline.features.job import extract_split
+    from pipeline.project.records import file_sha256
 
     images_file = prepared / "train_images.npy"
     digest = file_sha256(images_file)  # recorded by prepare; extract checks it while it runs
@@ -95,7 +97,7 @@ def run_extract(
         layers, extract={**extract, "precision": "float32"}, data=f"bench-{time.time()}"
     )
     start = time.perf_counter()
-    images, labels = load_split(prepared, "train")
+    images, labels = NpyRows(images_file), np.load(prepared / "train_labels.npy")
     extract_split(
         model,
         images,
@@ -311,28 +313,34 @@ def device_forward_rate(
 # ---------------------------------------------------------------- the measured rows
 
 
+def resolve(args, layers):
+    """The backbone record scan would write for these arguments."""
+    from pipeline.backbones.registry import get_backbone
+
+    return get_backbone(args.backbone).record(args.weights, args.size, layers)
+
+
 def build(args, layers):
     import keras
 
-    from pipeline.layers import build_extractor
+    from pipeline.features.extractor import build_extractor
 
     if args.precision != "float32":
         keras.mixed_precision.set_dtype_policy(args.precision)
-    return build_extractor(args.backbone, args.weights, args.size, layers)[0]
+    return build_extractor(resolve(args, layers))[0]
 
 
 def ray_extract_seconds(args, model, layers: dict, prepared: Path, out_dir: Path) -> float:
     """Row r: run_extract on the ray engine, one actor (with a GPU when Ray sees one), Ray
     started on this host; the actor's start (model build, compile) is included."""
-    from pipeline.config import BackboneConfig, ExtractConfig, RayConfig
-    from pipeline.ray_engine import RayEngine, ray_session, worker_env
+    from pipeline.features.ray_engine import RayEngine, ray_session, worker_env
+    from pipeline.project.params import ExtractConfig, RayConfig
 
     cfg = ExtractConfig(
         layers=layers, batch_size=args.batch_size, precision=args.precision, engine="ray"
     )
     with ray_session(RayConfig(actors=1), worker_env()):
-        backbone = BackboneConfig(name=args.backbone, weights=args.weights)
-        engine = RayEngine(backbone, cfg, args.size, args.precision, args.weights)
+        engine = RayEngine(resolve(args, layers), cfg, args.precision, args.weights)
         return run_extract(model, layers, prepared, out_dir, args.batch_size, engine)
 
 
@@ -439,7 +447,7 @@ def main() -> None:
 
     import keras
 
-    from pipeline.backbones import get_backbone, load_backbone
+    from pipeline.backbones.keras_apps import load_backbone, preprocess
 
     layers = parse_layers(args.layers)
     n, bs = args.images, args.batch_size
@@ -459,13 +467,14 @@ def main() -> None:
         t0 = time.perf_counter()
         model = build(args, layers)
         build_s = time.perf_counter() - t0
-        backbone, _ = load_backbone(args.backbone, args.weights, args.size, list(layers))
+        record = resolve(args, layers)
+        backbone, _ = load_backbone(record, list(layers))
         order = {layer.name: i for i, layer in enumerate(backbone.layers)}
         deepest = max(layers, key=order.__getitem__)
         flops = count_flops(model)
 
         # a: bare predict of the deepest layer, float32 preprocessed numpy
-        x32 = np.asarray(get_backbone(args.backbone).preprocess(images.astype(np.float32)))
+        x32 = np.asarray(preprocess(record.module, images.astype(np.float32)))
         single = keras.Model(backbone.inputs, backbone.get_layer(deepest).output)
         single.predict(x32[:bs], batch_size=bs, verbose=0)
         a_s = best(lambda: single.predict(x32, batch_size=bs, verbose=0), args.repeats)

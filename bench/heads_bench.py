@@ -2,9 +2,9 @@
 
     python bench/heads_bench.py                       # features/ of the project + 20,000 x 25,088
     python bench/heads_bench.py --skip-big            # only the project's features
-    python bench/heads_bench.py --features none       # only the synthetic matrix
+    python bench/heads_bench.py --project none        # only the synthetic matrix
 
-Prints a Markdown table. Each fit goes through the real train cell (pipeline.training.train_cell)
+Prints a Markdown table. Each fit goes through the real train cell (selection.cells.train_cell)
 into a temporary directory; fit seconds include reading the training rows. The big case uses
 lighter settings than params.yaml (fewer epochs / trees), shown in the `settings` column, so
 that the whole script runs in about 10 minutes on 2 CPU cores.
@@ -21,11 +21,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic.py
 
-from pipeline.config import HEADS, TrainConfig, load_params
-from pipeline.store import open_splits
-from pipeline.synthetic import write_features
-from pipeline.training import train_cell
+from synthetic import write_features
+
+from pipeline.features.store import open_splits
+from pipeline.heads.registry import HEAD_NAMES
+from pipeline.project.layout import Layout
+from pipeline.project.params import load_params
+from pipeline.selection.cells import train_cell
+from pipeline.selection.params import TrainConfig, TrainParams
 
 BIG_STREAM = {  # train.max_memory_mb 512: the 1.9 GiB float32 matrix is streamed
     "max_memory_mb": 512,
@@ -58,21 +63,17 @@ def settings(head: str, cfg: TrainConfig, path: str) -> str:
 
 
 def run(
-    case: str, features: Path, layers: list[str], heads: list[str], cfg: TrainConfig, rows: list
+    case: str, project: Path, layers: list[str], heads: list[str], cfg: TrainConfig, rows: list
 ) -> None:
+    """Fit every head on every layer of the features of the project at `project`; the models
+    go to a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
+        layout = Layout(Path(tmp))
+        layout.features.symlink_to(Layout(project).features.resolve())
         for layer in layers:
             for head in heads:
                 start = time.perf_counter()
-                m = train_cell(
-                    layer,
-                    head,
-                    cfg,
-                    None,
-                    features,
-                    Path(tmp) / "models",
-                    Path(tmp) / "metrics",
-                )
+                m = train_cell(layer, head, cfg, None, layout)
                 rows.append(
                     [
                         case,
@@ -94,9 +95,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--features", default="features", help="the project's features dir, or 'none'"
+        "--project", default=".", help="the project whose features/ to fit on, or 'none'"
     )
-    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    parser.add_argument("--heads", nargs="+", default=list(HEAD_NAMES), choices=HEAD_NAMES)
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--big-rows", type=int, default=20_000)
     parser.add_argument("--big-width", type=int, default=25_088)
@@ -108,18 +109,19 @@ def main() -> None:
     rows: list[list[str]] = []
     print("| case | layer | n x width | head | path | settings | fit s | val acc | cell s |")
     print("|---|---|---|---|---|---|---:|---:|---:|")
-    if args.features != "none":
-        features = Path(args.features)
-        cfg = load_params().train if Path("params.yaml").is_file() else TrainConfig()
-        layers = list(open_splits(features)["train"].widths)
-        run("project features", features, layers, args.heads, cfg, rows)
+    if args.project != "none":
+        project = Path(args.project)
+        params = project / "params.yaml"
+        cfg = load_params(TrainParams, params).train if params.is_file() else TrainConfig()
+        layers = list(open_splits(Layout(project))["train"].widths)
+        run("project features", project, layers, args.heads, cfg, rows)
     if not args.skip_big:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            features = Path(tmp) / "features"
+            project = Path(tmp)
             n_eval = max(2, args.big_rows // 10)
             write_features(
-                features,
+                project,
                 {"wide": args.big_width},
                 {"train": args.big_rows, "val": n_eval, "test": n_eval},
                 n_classes=10,
@@ -129,9 +131,9 @@ def main() -> None:
                 f"(wrote {args.big_rows} x {args.big_width} float16 "
                 f"in {time.perf_counter() - start:.0f} s)"
             )
-            run("synthetic", features, ["wide"], args.heads, TrainConfig(**BIG_STREAM), rows)
+            run("synthetic", project, ["wide"], args.heads, TrainConfig(**BIG_STREAM), rows)
             if args.big_memory:
-                run("synthetic", features, ["wide"], args.heads, TrainConfig(**BIG_MEMORY), rows)
+                run("synthetic", project, ["wide"], args.heads, TrainConfig(**BIG_MEMORY), rows)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.config import DataConfig
-from pipeline.data import SPLITS, load_split
-from pipeline.forward import Forward
-from pipeline.layers import build_extractor
-from pipeline.preparation import prepare
-from pipeline.scoring import score
+from pipeline.backbones.registry import get_backbone
+from pipeline.data.ingest import prepare
+from pipeline.data.prepared import load_split
+from pipeline.features.extractor import build_extractor
+from pipeline.features.forward import Forward
+from pipeline.project.layout import SPLITS, Layout
+from pipeline.project.params import DataConfig
+from pipeline.selection.scoring import score
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -45,18 +47,19 @@ def main() -> None:
     ap.add_argument("--layers", default="block2_pool:avg,block5_pool:avg")
     args = ap.parse_args()
     layers = dict(item.split(":") for item in args.layers.split(","))
-    prepared = Path(tempfile.mkdtemp()) / "prepared"
-    prepare(DataConfig(source="digits", image_size=args.size, limit=args.limit), prepared)
+    layout = Layout(Path(tempfile.mkdtemp()))
+    prepare(DataConfig(source="digits", image_size=args.size, limit=args.limit), layout)
+    backbone = get_backbone(args.backbone).record(args.weights, args.size, layers)
     images, labels = {}, {}
     for split in SPLITS:
-        rows, labels[split] = load_split(prepared, split)
+        rows, labels[split] = load_split(split, layout=layout)
         images[split] = np.asarray(rows)
 
     features: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     speed: dict[str, float] = {}
     for precision in PRECISIONS:
         keras.mixed_precision.set_dtype_policy(precision)
-        model, weights = build_extractor(args.backbone, args.weights, args.size, layers)
+        model, weights = build_extractor(backbone)
         forward = Forward(model, args.batch_size)
         forward.run(images["val"][: args.batch_size])  # compile
         start = time.perf_counter()

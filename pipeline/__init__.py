@@ -1,6 +1,6 @@
 """A DVC pipeline for transfer learning on images: CNN codes once, many cheap heads."""
 
-from pipeline.stage import quiet_backend
+from pipeline.project.stage import quiet_backend
 
 __version__ = "0.1.0"
 

@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.backbones import BACKBONE_NAMES, BACKBONES, get_backbone, layer_table
-from pipeline.errors import InputError
-from pipeline.files import is_uri
-from pipeline.stage import TRACEBACK_VARIABLE, one_line_errors
+from pipeline.backbones.registry import BACKBONE_NAMES, get_backbone
+from pipeline.data.files import is_uri
+from pipeline.project.errors import InputError
+from pipeline.project.stage import TRACEBACK_VARIABLE, one_line_errors
 
 PACKAGE = Path(__file__).resolve().parent
 TEMPLATES = PACKAGE / "templates"  # not named dvc.yaml: DVC would collect it as a pipeline
@@ -26,8 +26,8 @@ def init(target: Path, images: str, backbone: str, image_size: int | None, weigh
     `--temp` experiments find it), the backbone and its input side."""
     from ruamel.yaml import YAML
 
-    from pipeline.config import parse_params
-    from pipeline.sources import load_source
+    from pipeline.data.sources import load_source
+    from pipeline.inputs.params import check
 
     target = Path(target).resolve()
     if shutil.which("git") is None:
@@ -40,17 +40,16 @@ def init(target: Path, images: str, backbone: str, image_size: int | None, weigh
     params["data"].update(
         source="folder",
         path=images if is_uri(images) else str(Path(images).resolve()),
-        image_size=image_size or spec.top_size,
+        image_size=image_size or spec.facts.top_side,
         limit=None,
     )
     weights = str(Path(weights).resolve()) if Path(weights).is_file() else weights
     params["backbone"].update(name=spec.name, weights=weights)
-    checked = parse_params(json.loads(json.dumps(params)))
+    checked, resolved = check(json.loads(json.dumps(params)))
     classes, splits = load_source(checked.data)
 
-    (target / "pipeline").mkdir(parents=True)
-    for module in PACKAGE.glob("*.py"):
-        shutil.copy(module, target / "pipeline" / module.name)
+    ignore = shutil.ignore_patterns("__pycache__", TEMPLATES.name)
+    shutil.copytree(PACKAGE, target / "pipeline", ignore=ignore)
     shutil.copy(TEMPLATES / "dvc.template.yaml", target / "dvc.yaml")
     with (target / "params.yaml").open("w") as f:
         yaml.dump(params, f)
@@ -65,7 +64,7 @@ def init(target: Path, images: str, backbone: str, image_size: int | None, weigh
     print(
         f"{target}: {images_found} images in {len(classes)} classes ({', '.join(classes[:8])}"
         f"{', ...' if len(classes) > 8 else ''}); {spec.name} at "
-        f"{checked.data.image_size} px, layers {', '.join(checked.extract.layers)}"
+        f"{checked.data.image_size} px, layers {', '.join(resolved.layers)}"
     )
     if committed.returncode:
         print("git could not commit (no user.name/user.email?): commit before `dvc exp run`")
@@ -73,63 +72,88 @@ def init(target: Path, images: str, backbone: str, image_size: int | None, weigh
 
 
 def backbones() -> None:
-    """Each backbone: default input side, parameters, suggested layers (auto first)."""
+    """Each backbone: default input side, minimum side, parameters, `auto` layers."""
+    from tqdm import tqdm
+
+    from pipeline.backbones.facts import cache_dir, cached
+
     rows = [("backbone", "input", "min", "parameters (no top / top)", "extract.layers: auto")]
-    for b in BACKBONES.values():
+    missing = sum(not cached(name) for name in BACKBONE_NAMES)
+    names = tqdm(
+        BACKBONE_NAMES,
+        desc=f"building {missing} backbones once for their layer facts ({cache_dir()})",
+        unit="backbone",
+        leave=False,
+        disable=not missing,
+    )
+    for name in names:
+        b = get_backbone(name)
+        base, top = b.facts.parameters
         rows.append(
             (
-                b.name,
-                f"{b.top_size}",
-                f"{b.min_size}",
-                f"{b.parameters[0] / 1e6:.1f}M / {b.parameters[1] / 1e6:.1f}M",
-                ", ".join(b.auto_layers),
+                name,
+                str(b.facts.top_side),
+                str(b.family.min_side),
+                f"{base / 1e6:.1f}M / {top / 1e6:.1f}M",
+                ", ".join(b.auto(b.facts.top_side)),
             )
         )
     _table(rows)
     print(
-        "\nauto takes layers of the classification top (fc2) only at the input side of the top. "
+        "\nauto at the input side shown; classification-top layers (VGG's fc2) only there. "
         "`layerwise layers NAME` lists every layer with its shape."
     )
 
 
-def layers(name: str, image_size: int | None) -> None:
-    """Every layer of `name` at `image_size`: output shape, width under each reduction, and
-    which are suggested (block ends) or taken by `extract.layers: auto`."""
-    from pipeline.backbones import load_backbone
-    from pipeline.layers import reduced_width
+def layer_rows(spec, model, size: int) -> list[tuple[str, ...]]:
+    """One row per tap of `model` (`spec` built at input side `size`): name, output shape,
+    width under none, avg and grid2, and whether `auto` takes it or it ends a block (*)."""
+    from pipeline.backbones.keras_apps import taps
+    from pipeline.features.reductions import reduced_width
 
-    spec = get_backbone(name)
-    size = image_size or spec.top_size
-    table = layer_table(name)
-    wanted = list(table["base"]) + (list(table["top"]) if size == spec.top_size else [])
-    model, _ = load_backbone(name, "random", size, wanted)
-    auto = spec.auto(size)
-    rows = [("layer", "output", "none", "avg", "grid2", "")]
-    for layer in model.layers:
-        shape = tuple(layer.output.shape[1:])
+    auto, ends = spec.auto(size), set(spec.block_ends())
+    rows = []
+    for name, op in taps(model).items():
+        shape = tuple(op.output.shape[1:])
         spatial = len(shape) == 3
-        mark = "auto" if layer.name in auto else "*" if layer.name in spec.feature_layers else ""
         rows.append(
             (
-                layer.name,
+                name,
                 "x".join(str(d) for d in shape),
                 str(reduced_width(shape, "none")),
                 str(reduced_width(shape, "avg")) if spatial else "-",
                 str(reduced_width(shape, "grid2")) if spatial else "-",
-                mark,
+                "auto" if name in auto else "*" if name in ends else "",
             )
         )
-    _table(rows)
-    top = "" if size == spec.top_size else f"; its classification top needs {spec.top_size} px"
+    return rows
+
+
+def layers(name: str, image_size: int | None) -> None:
+    """Every layer of `name` at `image_size`: output shape, width under each reduction, and
+    which are block ends (*) or taken by `extract.layers: auto`."""
+    from pipeline.backbones.keras_apps import build
+
+    spec = get_backbone(name)
+    top = spec.facts.top_side
+    size = image_size or top
+    problem = spec.layer_problem(size, {})
+    if problem:
+        raise InputError(problem)
+    rows = layer_rows(spec, build(spec.row.constructor, None, size == top, size), size)
+    _table([("layer", "output", "none", "avg", "grid2", ""), *rows])
+    note = "" if size == top else f"; its classification top needs {top} px"
     print(
-        f"\n{name} at {size} px: {len(rows) - 1} layers{top}. auto: taken by "
+        f"\n{name} at {size} px: {len(rows)} layers{note}. auto: taken by "
         "`extract.layers: auto`; *: other block ends. Widths are features per image."
     )
 
 
 def show(root: Path) -> None:
     """The leaderboard and the test metrics of the project in `root`."""
-    board, test = root / "reports" / "leaderboard.md", root / "metrics" / "test.json"
+    from pipeline.project.layout import Layout
+
+    board, test = Layout(root).leaderboard_md, Layout(root).test_metrics
     if not board.is_file():
         raise InputError(f"{board} not found: run `dvc repro` in {root} first")
     print(board.read_text())
@@ -167,14 +191,14 @@ def parser() -> argparse.ArgumentParser:
         help="a folder of class folders (optionally train/ val/ test/ inside), or its "
         "s3:// or gs:// URI (with the `ray` extra)",
     )
-    i.add_argument("--backbone", default="vgg16", choices=BACKBONE_NAMES)
+    i.add_argument("--backbone", default="vgg16", help="`layerwise backbones` lists them")
     i.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
     i.add_argument(
         "--weights", default="auto", help="auto | imagenet | random | a .weights.h5 file"
     )
     sub.add_parser("backbones", help="backbones with input size, parameters, suggested layers")
     la = sub.add_parser("layers", help="a backbone's layers, output shapes and widths")
-    la.add_argument("name", choices=BACKBONE_NAMES)
+    la.add_argument("name", help="a backbone, as `layerwise backbones` lists them")
     la.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
     s = sub.add_parser("show", help="the leaderboard and test metrics of a project")
     s.add_argument("dir", type=Path, nargs="?", default=Path("."))

@@ -2,14 +2,15 @@
 
 import json
 
-from pipeline.config import load_params
-from pipeline.evaluation import evaluate
-from pipeline.provenance import expected_features
-from pipeline.stage import run_stage
+from pipeline.project.params import load_params
+from pipeline.project.provenance import expected_features
+from pipeline.project.stage import run_stage
+from pipeline.selection.params import TrainParams
+from pipeline.selection.report import evaluate
 
 
 def main(_) -> None:
-    params = load_params()
+    params = load_params(TrainParams)
     print(json.dumps(evaluate(params.train, expected_features(params)), indent=2))
 
 

@@ -2,32 +2,34 @@
 
 import functools
 
-from pipeline import paths
-from pipeline.config import load_params
-from pipeline.data import decode_workers
-from pipeline.extraction import extract_all, versions
-from pipeline.forward import distribute_over_devices
-from pipeline.layers import build_extractor
-from pipeline.precision import use_precision
-from pipeline.provenance import current_prepared, expected_features
-from pipeline.records import Fingerprint, RecordError
-from pipeline.stage import run_stage
+from pipeline.data.decoding import decode_workers
+from pipeline.features.extractor import build_extractor
+from pipeline.features.forward import distribute_over_devices
+from pipeline.features.job import extract_all, versions
+from pipeline.features.precision import use_precision
+from pipeline.project.layout import Layout
+from pipeline.project.params import load_params
+from pipeline.project.provenance import current_prepared, expected_features, scanned_backbone
+from pipeline.project.records import Fingerprint, RecordError
+from pipeline.project.stage import run_stage
 
 
 def main(_) -> None:
-    params = load_params()
-    bb, ex = params.backbone, params.extract
-    prepared = current_prepared(params)
-    expected = expected_features(params, prepared)
+    params, layout = load_params(), Layout()
+    ex = params.extract
+    prepared = current_prepared(params, layout)
+    backbone = scanned_backbone(params, layout)
+    expected = expected_features(params, prepared, layout)
     precision = use_precision(ex.precision)
     devices = distribute_over_devices(ex.batch_size)
-    model, weights_used = build_extractor(bb.name, bb.weights, prepared.image_size, ex.layers)
-    if expected["weights"].startswith("file:") and weights_used != expected["weights"]:
+    model, weights_used = build_extractor(backbone)
+    if backbone.identity.startswith("file:") and weights_used != backbone.identity:
         raise RecordError(
-            f"backbone.weights file {bb.weights} changed after `scan` read it: run `dvc repro`"
+            f"backbone.weights file {backbone.weights} changed after `scan` read it: run "
+            "`dvc repro`"
         )
     print(
-        f"backbone {bb.name}, weights: {weights_used}, layers: {ex.layers}, "
+        f"backbone {backbone.name}, weights: {weights_used}, layers: {backbone.layers}, "
         f"devices: {devices}, precision: {precision}"
     )
     fingerprint = Fingerprint(
@@ -40,25 +42,23 @@ def main(_) -> None:
     run = functools.partial(
         extract_all,
         model,
-        paths.PREPARED,
         prepared,
         fingerprint,
-        paths.FEATURES,
-        paths.EXTRACT_SCRATCH,
         ex.batch_size,
         ex.memory_mb,
         decode_workers=decode_workers(params.data),
+        layout=layout,
     )
     if ex.engine == "ray":
-        from pipeline.ray_engine import RayEngine, ray_session, worker_env
+        from pipeline.features.ray_engine import RayEngine, ray_session, worker_env
 
         with ray_session(ex.ray, worker_env()) as ray:
             have = ray.cluster_resources()
             print(f"ray: {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs")
-            run(engine=RayEngine(bb, ex, prepared.image_size, precision, weights_used))
+            run(engine=RayEngine(backbone, ex, precision, weights_used))
     else:
         run()
-    print(f"wrote {paths.FEATURES}/{{train,val,test}}.h5")
+    print(f"wrote {layout.features}/{{train,val,test}}.h5")
 
 
 if __name__ == "__main__":

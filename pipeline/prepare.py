@@ -1,17 +1,18 @@
 """Stage `prepare`: decode and resize the source images once into data/prepared/."""
 
-from pipeline import paths
-from pipeline.config import load_params
-from pipeline.preparation import prepare
-from pipeline.stage import run_stage
+from pipeline.data.ingest import prepare
+from pipeline.project.layout import Layout
+from pipeline.project.params import load_params
+from pipeline.project.stage import run_stage
 
 
 def main(_) -> None:
-    record, skipped = prepare(load_params().data, paths.PREPARED)
+    layout = Layout()
+    record, skipped = prepare(load_params().data, layout)
     side = record.image_size
     print(f"prepared {record.counts} images of {side}x{side} in {len(record.class_names)} classes")
     if skipped:
-        print(f"skipped {len(skipped)} unusable file(s); see {paths.PREPARED / 'report.json'}")
+        print(f"skipped {len(skipped)} unusable file(s); see {layout.prepared_files.report}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ import yaml
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
+# Layer facts of the backbones (built once per Keras version), shared by every test and the
+# stages they run, outside the user's own cache.
+os.environ.setdefault("LAYERWISE_CACHE", str(REPO / ".cache" / "layer-facts"))
 if str(REPO) not in sys.path:  # the package need not be installed to run the tests
     sys.path.insert(0, str(REPO))
 
@@ -158,16 +161,22 @@ class Project:
             sys.argv = argv
 
     @property
+    def layout(self):
+        from pipeline.project.layout import Layout
+
+        return Layout(self.root)
+
+    @property
     def prepared(self) -> Path:
-        return self.root / "data" / "prepared"
+        return self.layout.prepared
 
     @property
     def features(self) -> Path:
-        return self.root / "features"
+        return self.layout.features
 
     @property
     def scratch(self) -> Path:
-        return self.root / ".cache" / "extract"
+        return self.layout.extract_scratch
 
 
 @pytest.fixture
@@ -209,10 +218,9 @@ def offline(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Scratch chunks of one batch each, so even tiny extractions write several chunks."""
-    from pipeline import extraction, store
+    from pipeline.features import store
 
     monkeypatch.setattr(store, "TARGET_CHUNK_BYTES", 1)
-    monkeypatch.setattr(extraction, "TARGET_CHUNK_BYTES", 1, raising=False)
 
 
 def rng_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -396,3 +404,25 @@ def dvc_repo(root: Path, params: dict, replace: dict | None = None) -> Path:
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "init")
     return root
+
+
+def sharing_features(root: Path, features_of: Path):
+    """A Layout at `root` whose features/ is that of the project at `features_of` (a link):
+    many tests train on one set of synthetic features, each into its own folders."""
+    from pipeline.project.layout import Layout
+
+    layout = Layout(Path(root))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if not layout.features.exists():
+        layout.features.symlink_to(Layout(Path(features_of)).features.resolve())
+    return layout
+
+
+def resolved(name: str = "vgg16", layers="auto", size: int = 32, weights: str = "random"):
+    """The backbone record scan writes for these params, from the real registry; `layers`: auto,
+    layer -> reduction, or a list of layers (taken whole)."""
+    from pipeline.backbones.registry import get_backbone
+
+    if isinstance(layers, (list, tuple)):
+        layers = dict.fromkeys(layers, "none")
+    return get_backbone(name).record(weights, size, layers)

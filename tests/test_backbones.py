@@ -1,9 +1,6 @@
-"""Backbone registry, layer checks and weights: random, a local file, imagenet (cache), auto.
-
-One table drives the registry test (as Keras's applications_test MODEL_LIST): every backbone,
-built with random weights at a small input, four of its named layers with the shapes that the
-architecture gives at that input, each layer reduced in another way.
-"""
+"""Backbones as data: every registry row builds and extracts its auto layers, the derived layer
+facts and their cache, the checks scan makes with them, and the weights: random, a local
+file, imagenet (Keras's cache), auto."""
 
 from __future__ import annotations
 
@@ -12,176 +9,163 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import perturb_weights, relative_error, separate_layer_features
+from conftest import perturb_weights, relative_error, resolved, separate_layer_features
 
-from pipeline.assembly import default_unfreeze
-from pipeline.backbones import (
-    BACKBONES,
-    BackboneError,
-    get_backbone,
-    layer_table,
-    list_backbones,
-    load_backbone,
-)
-from pipeline.layers import build_extractor
+from pipeline.backbones import facts
+from pipeline.backbones.keras_apps import build, load_backbone, weights_identity
+from pipeline.backbones.registry import BACKBONE_NAMES, ROWS, get_backbone
+from pipeline.features.extractor import build_extractor
+from pipeline.project.errors import BackboneError
 
-# name, input side, {layer: expected output shape at that side}; the four layers are reduced
-# grid2, max, none, avg in this order (none goes on a small map).
-MODEL_LIST = [
-    (
-        "vgg16",
-        32,
-        {
-            "block2_pool": (8, 8, 128),
-            "block1_conv1": (32, 32, 64),
-            "block4_pool": (2, 2, 512),
-            "block5_pool": (1, 1, 512),
-        },
-    ),
-    (
-        "vgg19",
-        32,
-        {
-            "block3_conv4": (8, 8, 256),
-            "block1_pool": (16, 16, 64),
-            "block5_conv4": (2, 2, 512),
-            "block5_pool": (1, 1, 512),
-        },
-    ),
-    (
-        "resnet50",
-        32,
-        {
-            "conv2_block3_out": (8, 8, 256),
-            "conv1_relu": (16, 16, 64),
-            "conv4_block6_out": (2, 2, 1024),
-            "conv5_block3_out": (1, 1, 2048),
-        },
-    ),
-    (
-        "mobilenet_v2",
-        32,
-        {
-            "block_3_expand_relu": (8, 8, 144),
-            "Conv1_relu": (16, 16, 32),
-            "block_13_expand_relu": (2, 2, 576),
-            "out_relu": (1, 1, 1280),
-        },
-    ),
-    (
-        "xception",
-        71,
-        {
-            "block4_pool": (5, 5, 728),
-            "block1_conv1_act": (35, 35, 32),
-            "block13_pool": (3, 3, 1024),
-            "block14_sepconv2_act": (3, 3, 2048),
-        },
-    ),
-    (
-        "efficientnet_b0",
-        32,
-        {
-            "block3a_expand_activation": (8, 8, 144),
-            "stem_activation": (16, 16, 32),
-            "block6a_expand_activation": (2, 2, 672),
-            "top_activation": (1, 1, 1280),
-        },
-    ),
-    (
-        "inception_v3",
-        75,
-        {
-            "mixed0": (7, 7, 256),
-            "mixed2": (7, 7, 288),
-            "mixed7": (3, 3, 768),
-            "mixed10": (1, 1, 2048),
-        },
-    ),
-]
-MODES = ("grid2", "max", "none", "avg")
+# ---------------------------------------------------------------- every row
 
 
-def expected_width(shape, mode: str) -> int:
-    h, w, c = shape
-    return {"grid2": 4 * c, "max": c, "avg": c, "none": h * w * c}[mode]
-
-
-def test_model_list_covers_the_registry():
-    assert [name for name, _, _ in MODEL_LIST] == list(list_backbones()) == list(BACKBONES)
-    for name, size, _ in MODEL_LIST:
-        assert size == max(32, BACKBONES[name].min_size)
-
-
-@pytest.mark.parametrize("name, size, layers", MODEL_LIST, ids=[m[0] for m in MODEL_LIST])
-def test_registry_shapes_and_extractor_widths(name, size, layers, rng_images):
+def test_the_registry_holds_every_keras_applications_constructor():
     import keras
 
-    requested = dict(zip(layers, MODES))
-    extractor, used = build_extractor(name, "random", size, requested)
-    assert used == "random"
-    assert extractor.inputs[0].dtype == "uint8"
-    (trunk,) = [layer for layer in extractor.layers if isinstance(layer, keras.Model)]
-    assert [tuple(o.shape[1:]) for o in trunk.outputs] == list(layers.values())
-    unfreeze = default_unfreeze(trunk)  # the top quarter of the layers with weights
-    weighted = [layer.name for layer in trunk.layers if layer.weights]
-    assert unfreeze in weighted[len(weighted) // 2 :], unfreeze
-
-    widths = [int(o.shape[-1]) for o in extractor.outputs]
-    assert widths == [expected_width(layers[layer], mode) for layer, mode in requested.items()]
-    outputs = extractor.predict_on_batch(rng_images(1, size))
-    for out, width in zip(outputs, widths):
-        assert out.shape == (1, width) and np.isfinite(out).all()
+    constructors = {
+        n
+        for n in dir(keras.applications)
+        if n[0].isupper() and callable(getattr(keras.applications, n))
+    }
+    assert {row.constructor for row in ROWS} == constructors
+    assert len(ROWS) == len(BACKBONE_NAMES) == 40
 
 
-def test_unknown_backbone_lists_the_registry():
-    with pytest.raises(BackboneError, match="unknown backbone 'vgg17'.*vgg16.*inception_v3"):
-        get_backbone("vgg17")
+@pytest.fixture(scope="module")
+def every_backbone() -> dict[str, dict]:
+    """every_backbone.extract_auto of each row, on two worker processes (largest first)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from every_backbone import extract_auto
+
+    order = list(
+        reversed(BACKBONE_NAMES)
+    )  # the largest families first: the workers finish together
+    context = multiprocessing.get_context("spawn")  # a fresh Keras in each worker
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        return dict(zip(order, pool.map(extract_auto, order)))
 
 
-def test_input_below_min_size_is_refused():
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_every_backbone_extracts_its_auto_layers_as_layerwise_layers_reports(name, every_backbone):
+    """Built with random weights at its smallest input side, each auto layer (the last block
+    end at output strides 8, 16, 32, where the side allows) comes out averaged to the width
+    `layerwise layers` reports for it."""
+    got = every_backbone[name]
+    assert got["used"] == "random" and got["finite"]
+    assert got["layers"] and set(got["layers"].values()) == {"avg"}
+    for layer, shape in zip(got["layers"], got["shapes"]):
+        _, output, _, avg, _, mark = got["reported"][layer]
+        assert shape == [2, int(avg)] and mark == "auto", (layer, output)
+        assert int(output.split("x")[-1]) == int(avg)  # avg: one value per channel
+
+
+# Where the rule lands for architectures whose tap points the literature names (timm's
+# feature_info; the Keras guides for VGG): at each output stride, the last block end.
+AUTO_LAYERS = {
+    "vgg16": ["block2_pool", "block5_pool", "fc2"],
+    "resnet50": ["conv3_block4_out", "conv4_block6_out", "conv5_block3_out"],
+    "resnet50_v2": ["conv3_block3_out", "conv4_block5_out", "post_relu"],  # strides last in a stage
+    "mobilenet_v2": ["block_6_expand_relu", "block_13_expand_relu", "out_relu"],
+    "xception": ["block4_sepconv2_act", "block13_sepconv2_act", "block14_sepconv2_act"],
+    "efficientnet_b0": ["block3b_add", "block5c_add", "top_activation"],
+    "inception_v3": ["mixed2", "mixed7", "mixed10"],
+    "densenet121": ["conv3_block12_concat", "conv4_block24_concat", "relu"],
+    "mobilenet_v3_small": ["expanded_conv_2_add", "expanded_conv_7_add", "activation_17"],
+    "convnext_tiny": ["add_5", "add_14", "layer_normalization"],  # residual sums, operations
+}
+
+
+@pytest.mark.parametrize("name, layers", AUTO_LAYERS.items())
+def test_auto_layers_are_the_last_block_end_at_strides_8_16_32(name, layers):
+    spec = get_backbone(name)
+    assert list(spec.auto(spec.facts.top_side)) == layers
+    ends = spec.block_ends()
+    assert set(layers) <= set(ends)
+    strides = [
+        spec.stride(spec.facts.shape(layer)) for layer in ends if layer not in spec.top_names
+    ]
+    assert strides == sorted(set(strides))  # one block end per stride, early to late
+
+
+def test_facts_match_the_published_sizes():
+    """Input sides and parameter counts as keras.io's table of applications gives them."""
+    published = {  # name: (input side, parameters with the top, in millions)
+        "vgg16": (224, 138.4),
+        "resnet152_v2": (224, 60.4),
+        "inception_resnet_v2": (299, 55.9),
+        "nasnet_large": (331, 88.9),
+        "efficientnet_b7": (600, 66.7),
+        "convnext_xlarge": (224, 350.1),
+        "mobilenet_v3_small": (224, 2.6),
+    }
+    for name, (side, millions) in published.items():
+        spec = get_backbone(name)
+        assert spec.facts.top_side == side, name
+        assert abs(spec.facts.parameters[1] / 1e6 - millions) < 0.15, (name, spec.facts.parameters)
+        assert spec.facts.parameters[0] < spec.facts.parameters[1]
+
+
+def test_a_warm_cache_builds_nothing(monkeypatch):
+    get_backbone("vgg16")  # cached by now
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(facts, "build", no_build)
+    assert get_backbone("vgg16").facts.top_side == 224
+
+
+def test_facts_are_cached_per_keras_version(tmp_path, monkeypatch):
+    monkeypatch.setenv(facts.CACHE_VARIABLE, str(tmp_path))
+    built = []
+    real = facts.derive
+    monkeypatch.setattr(facts, "derive", lambda *a: built.append(a) or real(*a))
+    first = get_backbone("mobilenet").facts
+    assert get_backbone("mobilenet").facts == first and len(built) == 1
+    (cached,) = tmp_path.glob("keras-*/mobilenet.json")
+    assert cached.parent.name == f"keras-{first.keras}"
+    cached.write_text("{not json")  # a damaged cache file is derived again
+    assert get_backbone("mobilenet").facts == first and len(built) == 2
+
+
+# ---------------------------------------------------------------- checks scan makes
+
+
+def test_unknown_backbone_names_the_closest_rows():
+    with pytest.raises(BackboneError, match=r"unknown backbone 'resnet5'; did you mean resnet50"):
+        get_backbone("resnet5")
+
+
+def test_input_below_min_side_is_refused():
     with pytest.raises(
         BackboneError, match="xception needs inputs of at least 71x71; data.image_size is 32"
     ):
-        load_backbone("xception", "random", 32, ["block4_pool"])
+        resolved("xception", ["block4_pool"], 32)
 
 
 def test_unknown_layer_names_the_closest_valid_ones():
     with pytest.raises(BackboneError) as info:
-        load_backbone("vgg16", "random", 32, ["block2_pool", "block9_pool"])
+        resolved("vgg16", ["block2_pool", "block9_pool"])
     message = str(info.value)
     assert "unknown layer 'block9_pool' for vgg16; did you mean block5_pool, block4_pool" in message
     assert "`layerwise layers vgg16` lists them all" in message and len(message) < 200
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
-def test_layer_table_and_suggestions_match_keras(name):
-    """The static table the params checks read is what Keras builds, top included; the
-    parameter counts `layerwise backbones` prints are the models'."""
-    spec = get_backbone(name)
-    base = spec.build(None, False, max(32, spec.min_size))
-    top = spec.build(None, True, spec.top_size)
-    table = layer_table(name)
-    assert tuple(layer.name for layer in base.layers) == table["base"]
-    assert (
-        tuple(layer.name for layer in top.layers if layer.name not in table["base"])
-        == (table["top"])
-    )
-    assert (base.count_params(), top.count_params()) == spec.parameters
-    assert set(spec.auto_layers) <= set(spec.feature_layers) <= {*table["base"], *table["top"]}
-    assert list(spec.auto(spec.top_size)) == list(spec.auto_layers)
-
-
 def test_fc2_needs_224_says_so():
     with pytest.raises(BackboneError) as info:
-        build_extractor("vgg16", "random", 32, {"block5_pool": "avg", "fc2": "none"})
+        resolved("vgg16", {"block5_pool": "avg", "fc2": "none"}, 32)
     message = str(info.value)
     assert "'fc2'" in message and "224x224" in message and "data.image_size is 32" in message
     assert "data.image_size: 224" in message
 
 
 def test_fc2_at_224_builds_with_the_top(rng_images):
-    extractor, _ = build_extractor("vgg16", "random", 224, {"block5_pool": "avg", "fc2": "none"})
+    backbone = resolved("vgg16", {"block5_pool": "avg", "fc2": "none"}, 224)
+    assert backbone.top_layers == ["fc2"]
+    extractor, _ = build_extractor(backbone)
     assert [int(o.shape[-1]) for o in extractor.outputs] == [512, 4096]
     block5, fc2 = extractor.predict_on_batch(rng_images(1, 224))
     assert block5.shape == (1, 512) and fc2.shape == (1, 4096) and (fc2 >= 0).all()  # relu
@@ -189,35 +173,34 @@ def test_fc2_at_224_builds_with_the_top(rng_images):
 
 def test_spatial_reduction_of_a_vector_layer_is_refused():
     with pytest.raises(BackboneError, match="extract.layers.fc2: reduction 'avg' needs a spatial"):
-        build_extractor("vgg16", "random", 224, {"fc2": "avg"})
+        resolved("vgg16", {"fc2": "avg"}, 224)
 
 
 def test_auto_named_layers_resolve_in_every_build():
     """xception leaves some layers unnamed (conv2d_1, add_1): Keras numbers them per process,
-    so another model built before must not shift the names the check saw."""
-    get_backbone("xception").build(None, False, 71)  # advances Keras's name counters
-    model, _ = load_backbone("xception", "random", 71, ["add_1", "block4_pool"])
-    assert tuple(model.get_layer("add_1").output.shape[1:]) == (
-        9,
-        9,
-        256,
-    )  # 71 -> 35 -> 33 -> 17 (add) -> 9 (add_1)
-    again = get_backbone("xception").build(None, False, 71)
+    so another model built before must not shift the names the facts recorded."""
+    build("Xception", None, False, 71)  # advances Keras's name counters
+    model, _ = load_backbone(resolved("xception", ["add_1", "block4_pool"], 71), ["add_1"])
+    # 71 -> 35 -> 33 -> 17 (add) -> 9 (add_1)
+    assert tuple(model.get_layer("add_1").output.shape[1:]) == (9, 9, 256)
+    again = build("Xception", None, False, 71)
     assert [layer.name for layer in again.layers] == [layer.name for layer in model.layers]
 
 
 def test_random_weights_are_reproducible():
-    a, _ = load_backbone("vgg16", "random", 32, ["block5_pool"])
-    b, _ = load_backbone("vgg16", "random", 32, ["block5_pool"])
+    backbone = resolved("vgg16", ["block5_pool"])
+    a, _ = load_backbone(backbone, ["block5_pool"])
+    b, _ = load_backbone(backbone, ["block5_pool"])
     assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
 
 
 # ---------------------------------------------------------------- weights from a local file
 
 
-def test_weights_file_gives_the_in_memory_models_features(project):
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_weights_file_is_used_and_fingerprinted_by_hash_through_the_stages(project):
     layers = {"block2_pool": "avg", "block5_pool": "max"}
-    mine = get_backbone("vgg16").build(None, False, 32)
+    mine = build("VGG16", None, False, 32)
     perturb_weights(mine, seed=1)
     path = project.root / "mine.weights.h5"
     mine.save_weights(path)
@@ -228,17 +211,17 @@ def test_weights_file_gives_the_in_memory_models_features(project):
     project.main("prepare")
     project.main("extract")
 
-    from pipeline.data import load_split
-    from pipeline.store import open_splits
+    from pipeline.data.prepared import load_split
+    from pipeline.features.store import open_splits
 
-    files = open_splits(project.features)
+    files = open_splits(project.layout)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert files["train"].fingerprint.weights == f"file:sha256:{digest}"
+    assert files["train"].fingerprint.backbone["identity"] == f"file:sha256:{digest}"
     assert files["train"].fingerprint.weights_used == f"file:sha256:{digest}"
 
-    images, _ = load_split(project.prepared, "val")
+    images, _ = load_split("val", layout=project.layout)
     want = separate_layer_features(mine, np.asarray(images), layers)
-    random_model, _ = load_backbone("vgg16", "random", 32, list(layers))
+    random_model, _ = load_backbone(resolved("vgg16", layers), list(layers))
     unlike = separate_layer_features(random_model, np.asarray(images), layers)
     for layer in layers:
         got = files["val"].read(layer)
@@ -248,11 +231,10 @@ def test_weights_file_gives_the_in_memory_models_features(project):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_weights_file_of_another_model_is_refused(tmp_path):
-    other = get_backbone("vgg19").build(None, False, 32)
     path = tmp_path / "vgg19.weights.h5"
-    other.save_weights(path)
+    build("VGG19", None, False, 32).save_weights(path)
     with pytest.raises(BackboneError, match="does not fit vgg16"):
-        load_backbone("vgg16", str(path), 32, ["block5_pool"])
+        load_backbone(resolved("vgg16", ["block5_pool"], weights=str(path)), ["block5_pool"])
 
 
 # ---------------------------------------------------------------- imagenet and auto, offline
@@ -260,7 +242,7 @@ def test_weights_file_of_another_model_is_refused(tmp_path):
 
 def test_imagenet_offline_fails_with_a_clear_message(offline):
     with pytest.raises(BackboneError) as info:
-        load_backbone("vgg16", "imagenet", 32, ["block5_pool"])
+        load_backbone(resolved("vgg16", ["block5_pool"], weights="imagenet"), ["block5_pool"])
     message = str(info.value)
     assert "could not load ImageNet weights for vgg16" in message
     assert "~/.keras/models" in message and "weights: random or auto" in message
@@ -273,14 +255,14 @@ def test_auto_offline_falls_back_to_random_and_records_it(offline, project, caps
     project.main("extract")
     assert "ImageNet weights unavailable" in capsys.readouterr().out
 
-    from pipeline.data import load_split
-    from pipeline.store import open_features
+    from pipeline.data.prepared import load_split
+    from pipeline.features.store import open_features
 
-    val = open_features(project.features / "val.h5")
-    assert val.fingerprint.weights == "auto:not-cached"
+    val = open_features(project.layout.features_file("val"))
+    assert val.fingerprint.backbone["identity"] == "auto:not-cached"
     assert val.fingerprint.weights_used == "random"
-    images, _ = load_split(project.prepared, "val")
-    random_model, _ = load_backbone("vgg16", "random", 32, ["block5_pool"])
+    images, _ = load_split("val", layout=project.layout)
+    random_model, _ = load_backbone(resolved("vgg16", ["block5_pool"]), ["block5_pool"])
     want = separate_layer_features(random_model, np.asarray(images), {"block5_pool": "avg"})
     assert relative_error(val.read("block5_pool"), want["block5_pool"]) < 1e-5
 
@@ -296,10 +278,10 @@ def test_imagenet_loads_a_file_preplaced_in_the_keras_cache(offline, monkeypatch
     from keras.src.legacy.saving import legacy_h5_format
     from keras.src.utils import file_utils
 
-    source = get_backbone("vgg16").build(None, False, 32)
+    source = build("VGG16", None, False, 32)
     perturb_weights(source, seed=2)
     cached = offline / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    cached.parent.mkdir(parents=True)
+    cached.parent.mkdir()
     with h5py.File(cached, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, source)
 
@@ -310,20 +292,29 @@ def test_imagenet_loads_a_file_preplaced_in_the_keras_cache(offline, monkeypatch
         lambda fpath, *a, **k: str(fpath) == str(cached) or real_validate(fpath, *a, **k),
     )
     for weights in ("imagenet", "auto"):
-        model, used = load_backbone("vgg16", weights, 32, ["block5_pool"])
+        backbone = resolved("vgg16", ["block5_pool"], weights=weights)
+        assert backbone.identity == "imagenet"  # auto: Keras has the file cached
+        model, used = load_backbone(backbone, ["block5_pool"])
         assert used == "imagenet"
         for got, want in zip(model.get_weights(), source.get_weights()):
             np.testing.assert_array_equal(got, want)
 
 
+def one_per_family() -> list[str]:
+    seen, names = set(), []
+    for row in ROWS:
+        if row.family not in seen:
+            seen.add(row.family)
+            names.append(row.name)
+    return names
+
+
 def test_scan_knows_whether_keras_has_imagenet_weights_cached(offline, monkeypatch, tmp_path):
-    """`auto` resolves to imagenet exactly when Keras's cache holds the model's file: every
-    registry prefix matches the file name Keras itself asks for."""
+    """`auto` resolves to imagenet exactly when Keras's cache holds the model's file: each
+    family's file pattern matches the name Keras itself asks for."""
     import urllib.error
 
     from keras.src.utils import file_utils
-
-    from pipeline.backbones import BACKBONES, weights_identity
 
     asked = []
 
@@ -332,16 +323,17 @@ def test_scan_knows_whether_keras_has_imagenet_weights_cached(offline, monkeypat
         raise urllib.error.URLError("offline")
 
     monkeypatch.setattr(file_utils, "urlretrieve", record)
-    for name, spec in BACKBONES.items():
-        assert weights_identity(name, "auto") == "auto:not-cached"
+    for name in one_per_family():
+        spec = get_backbone(name)
+        prefix = spec.weights_file()
+        assert weights_identity("auto", prefix) == "auto:not-cached"
         with pytest.raises(Exception, match="offline|URL|fetch"):
-            spec.build("imagenet", False, max(spec.min_size, 75))
-        assert asked[-1].startswith(spec.weights_prefix), (name, asked[-1])
+            build(spec.row.constructor, "imagenet", False, None)
+        assert asked[-1].startswith(prefix), (name, asked[-1])
         (offline / "models").mkdir(exist_ok=True)
         (offline / "models" / asked[-1]).write_bytes(b"cached")
-        assert weights_identity(name, "auto") == weights_identity(name, "imagenet") == "imagenet"
-    assert weights_identity("vgg16", "random") == "random"
+        assert weights_identity("auto", prefix) == "imagenet"
     weights = tmp_path / "w.weights.h5"
     weights.write_bytes(b"some weights")
     digest = hashlib.sha256(b"some weights").hexdigest()
-    assert weights_identity("vgg16", str(weights)) == f"file:sha256:{digest}"
+    assert weights_identity(str(weights), "vgg16") == f"file:sha256:{digest}"

@@ -33,8 +33,8 @@ def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("backends")
     weights = root / "vgg16.weights.h5"
     script = (
-        "import sys; from pipeline.backbones import load_backbone; "
-        "load_backbone('vgg16', 'random', 32, ['block5_pool'])[0].save_weights(sys.argv[1])"
+        "import sys; from pipeline.backbones.keras_apps import build; "
+        "build('VGG16', None, False, 32).save_weights(sys.argv[1])"
     )
     subprocess.run(
         [sys.executable, "-c", script, str(weights)],

@@ -7,22 +7,44 @@ import yaml
 from conftest import SMALL_PARAMS, deep_merge
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config import ConfigError, Params, load_params, parse_params
+from pipeline.inputs.params import Params, check, load
+from pipeline.project.params import ConfigError, Shared, load_params, validate
+from pipeline.selection.params import TrainParams
+
+
+def parse_params(raw: dict) -> Params:
+    return check(raw)[0]
 
 
 def test_repo_params_yaml_is_valid():
     from conftest import REPO
 
-    params = load_params(REPO / "params.yaml")
+    params, backbone = load(REPO / "params.yaml")
     assert isinstance(params, Params)
-    assert params.backbone.name == "vgg16"
-    assert set(params.train.layers) <= set(params.extract.layers)
+    assert params.backbone.name == backbone.name == "vgg16"
+    assert set(params.train.layers_of(backbone.layers)) <= set(backbone.layers)
 
 
 def test_small_params_and_defaults():
-    params = parse_params(SMALL_PARAMS)
+    params, backbone = check(SMALL_PARAMS)
     assert params.data.image_size == 32 and params.extract.batch_size == 16
-    assert parse_params({}) == Params().resolved()  # every key has a default
+    assert backbone.layers == {"block2_pool": "avg", "block5_pool": "avg"}
+    defaults, vgg16 = check({})  # every key has a default: VGG16's auto layers at 224
+    assert defaults.extract.layers == "auto" and defaults.train.layers is None
+    assert vgg16.layers == {"block2_pool": "avg", "block5_pool": "avg", "fc2": "none"}
+    assert vgg16.top_layers == ["fc2"] and vgg16.identity in ("auto:not-cached", "imagenet")
+
+
+def test_a_stage_reads_its_own_sections_and_scan_checks_the_whole_file():
+    """prepare and extract read data, backbone and extract only; the whole file, unknown
+    sections included, is scan's to refuse."""
+    raw = deep_merge(SMALL_PARAMS, {"finetune": {"optimizer": "adam"}, "extra": {}})
+    assert validate(Shared, raw).data.image_size == 32
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert "finetune.optimizer" in str(info.value) and "unknown key 'extra'" in str(info.value)
+    with pytest.raises(ConfigError, match=r"train.heads.0: .*'logreg'"):
+        validate(TrainParams, deep_merge(SMALL_PARAMS, {"train": {"heads": ["svm"]}}))
 
 
 @pytest.mark.parametrize(
@@ -100,14 +122,18 @@ def test_small_params_and_defaults():
         ),
         (
             {"data": {"image_size": 224}, "extract": {"layers": {"fc2": "avg"}}},
-            ["reduction 'avg' of fc2", "use none"],
+            ["extract.layers.fc2: reduction 'avg' needs a spatial", "fc2 is 4096", "use none"],
         ),
         ({"data": {"image_size": 16}}, ["at least 32x32", "image_size is 16"]),
         ({"data": {"val_fraction": 1.5}}, ["data.val_fraction", "1.5"]),
         # unknown backbone: the accepted ones are listed
         (
             {"backbone": {"name": "vgg17"}},
-            ["backbone.name", "unknown backbone 'vgg17'", "vgg16", "resnet50"],
+            [
+                "backbone.name",
+                "unknown backbone 'vgg17'; did you mean vgg19, vgg16",
+                "layerwise backbones",
+            ],
         ),
         # bad reduction: the layer and the accepted reductions are named
         (
@@ -170,14 +196,14 @@ def test_params_are_frozen():
 
 def test_load_params_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_params(tmp_path / "params.yaml")
+        load_params(Shared, tmp_path / "params.yaml")
     bad = tmp_path / "params.yaml"
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
-        load_params(bad)
+        load(bad)
     bad.write_text(yaml.safe_dump({"extract": {"batch_size": -1}}))
     with pytest.raises(ConfigError, match="extract.batch_size"):
-        load_params(bad)
+        load_params(Shared, bad)
 
 
 def _param_names(model) -> list[str]:

@@ -12,11 +12,12 @@ import pytest
 from conftest import SMALL_PARAMS, deep_merge, write_image
 from PIL import Image
 
-from pipeline.config import DataConfig
-from pipeline.data import DataError, decode_file
-from pipeline.preparation import prepare
-from pipeline.records import PreparedRecord, RecordError
-from pipeline.sources import folder_source, load_source
+from pipeline.data.decoding import DataError, decode_file
+from pipeline.data.ingest import prepare
+from pipeline.data.sources import folder_source, load_source
+from pipeline.project.layout import Layout
+from pipeline.project.params import DataConfig
+from pipeline.project.records import PreparedRecord, RecordError
 
 GOOD_MODES = [  # file name, PIL mode, format
     ("grey.png", "L", None),
@@ -93,7 +94,7 @@ def test_bad_image_with_on_bad_image_fail_names_the_file(messy_folder, tmp_path)
         source="folder", path=str(root), image_size=16, limit=None, on_bad_image="fail"
     )
     with pytest.raises(DataError) as info:
-        prepare(cfg, tmp_path / "prepared")
+        prepare(cfg, Layout(tmp_path))
     message = str(info.value)
     named = [name for name in bad if str(root / "dog" / name) in message]
     assert len(named) == 1 and bad[named[0]] in message and "on_bad_image=fail" in message
@@ -244,7 +245,7 @@ def test_class_left_without_usable_images_fails(tmp_path, make_image_folder):
         (root / "b" / f"{i}.png").write_text("not an image")
     with pytest.raises(DataError, match="no usable training images left for class\\(es\\): b"):
         prepare(
-            data_config(source="folder", path=str(root), image_size=8, limit=None), tmp_path / "out"
+            data_config(source="folder", path=str(root), image_size=8, limit=None), Layout(tmp_path)
         )
 
 
@@ -312,9 +313,9 @@ def test_decoding_uses_every_core_unless_capped(monkeypatch, tmp_path):
     import threading
     import time
 
-    from pipeline import data, preparation
-    from pipeline.preparation import decode_split
-    from pipeline.sources import Split
+    from pipeline.data import decoding, ingest
+    from pipeline.data.ingest import decode_split
+    from pipeline.data.sources import Split
 
     active, most, lock = [0], [0], threading.Lock()
 
@@ -327,12 +328,12 @@ def test_decoding_uses_every_core_unless_capped(monkeypatch, tmp_path):
             active[0] -= 1
         return np.zeros((size, size, 3), np.uint8)
 
-    monkeypatch.setattr(preparation, "decode_file", slow_decode)
+    monkeypatch.setattr(ingest, "decode_file", slow_decode)
     files = [tmp_path / f"{i}.jpg" for i in range(12)]
     split = Split(labels=np.zeros(12, np.int64), paths=files, ids=[f.name for f in files])
     assert len(list(decode_split("t", split, data_config(decode_workers=3)))) == 12
     assert most[0] == 3
-    assert data.decode_workers(data_config()) == len(os.sched_getaffinity(0))
+    assert decoding.decode_workers(data_config()) == len(os.sched_getaffinity(0))
 
 
 def test_large_jpegs_are_decoded_in_draft_mode(tmp_path, monkeypatch):
@@ -340,7 +341,7 @@ def test_large_jpegs_are_decoded_in_draft_mode(tmp_path, monkeypatch):
     within a few grey levels of a full decode resized the same way."""
     from PIL import JpegImagePlugin
 
-    from pipeline.data import decode_file, resize
+    from pipeline.data.decoding import decode_file, resize
 
     rng = np.random.default_rng(0)
     smooth = rng.integers(0, 255, (12, 16, 3)).astype(np.uint8)

@@ -12,15 +12,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import dvc, dvc_repo, ran
+from conftest import dvc, dvc_repo, ran, resolved
 
-from pipeline.config import BackboneConfig, ConfigError, DataConfig, ExtractConfig, RayConfig
-from pipeline.data import DataError, NpyRows, load_split
-from pipeline.errors import InputError
-from pipeline.files import Tree
-from pipeline.preparation import prepare
-from pipeline.ray_engine import RayEngine, ray_session, worker_env
-from pipeline.stream import Budget
+from pipeline.data.arrays import NpyRows
+from pipeline.data.decoding import DataError
+from pipeline.data.files import Tree
+from pipeline.data.ingest import prepare
+from pipeline.data.prepared import load_split
+from pipeline.features.ray_engine import RayEngine, ray_session, worker_env
+from pipeline.features.stream import Budget
+from pipeline.project.errors import InputError
+from pipeline.project.layout import Layout
+from pipeline.project.params import ConfigError, DataConfig, ExtractConfig, RayConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -104,10 +107,10 @@ def test_a_run_killed_on_the_local_engine_resumes_on_ray_to_the_same_features(pr
     """Ray's one dataset starts where the kept chunks end, and skips the finished splits."""
     from test_provenance import _extract  # runs extract_all with a reader that can die
 
-    from pipeline import extraction
-    from pipeline.config import load_params
-    from pipeline.layers import build_extractor
-    from pipeline.provenance import current_prepared
+    from pipeline.features import job
+    from pipeline.features.extractor import build_extractor
+    from pipeline.project.params import load_params
+    from pipeline.project.provenance import current_prepared, scanned_backbone
 
     for stage in ("scan", "prepare"):
         project.main(stage)
@@ -119,20 +122,19 @@ def test_a_run_killed_on_the_local_engine_resumes_on_ray_to_the_same_features(pr
     kept = list((project.scratch / fingerprint.key / "train").glob("chunk_*.npz"))
     assert len(kept) == 1
 
-    monkeypatch.setattr(extraction, "load_split", load_split)
+    monkeypatch.setattr(job, "load_split", load_split)
     params = load_params()
-    model, _ = build_extractor("vgg16", "random", 32, params.extract.layers)
-    engine = RayEngine(params.backbone, params.extract, 32, "float32", "random")
+    backbone = scanned_backbone(params)
+    model, _ = build_extractor(backbone)
+    engine = RayEngine(backbone, params.extract, "float32", "random")
     with ray_session(RayConfig(), worker_env()):
-        extraction.extract_all(
+        job.extract_all(
             model,
-            project.prepared,
             current_prepared(params),
             fingerprint,
-            project.features,
-            project.scratch,
             params.extract.batch_size,
             engine=engine,
+            layout=project.layout,
         )
     resumed = features(project.root)
     for key, value in clean.items():
@@ -142,11 +144,12 @@ def test_a_run_killed_on_the_local_engine_resumes_on_ray_to_the_same_features(pr
 def test_a_listed_file_that_changed_after_prepare_is_refused(tmp_path):
     source = photos(tmp_path / "photos", per_class=6)
     cfg = DataConfig(source="folder", path=str(source), image_size=32, prepared="manifest")
-    record, _ = prepare(cfg, tmp_path / "prepared")
-    listing = (tmp_path / "prepared" / "train_files.txt").read_text().splitlines()
+    layout = Layout(tmp_path)
+    record, _ = prepare(cfg, layout)
+    listing = layout.prepared_files.files("train").read_text().splitlines()
     digest, name = listing[0].split("  ", 1)
     assert hashlib.sha256((source / name).read_bytes()).hexdigest() == digest
-    images, labels = load_split(tmp_path / "prepared", "train", record, workers=2)
+    images, labels = load_split("train", record, workers=2, layout=layout)
     assert images[:].shape == (len(labels), 32, 32, 3)
 
     (source / name).write_bytes((source / name).read_bytes() + b"\0")
@@ -161,7 +164,8 @@ def test_a_manifest_skips_and_reports_what_is_not_an_image(tmp_path):
     cfg = DataConfig(
         source="folder", path=str(source), image_size=32, prepared="manifest", test_fraction=0.3
     )
-    record, skipped = prepare(cfg, tmp_path / "prepared")
+    layout = Layout(tmp_path)
+    record, skipped = prepare(cfg, layout)
     assert sorted((s["path"], s["reason"]) for s in skipped) == [
         ("blue/notes.jpg", "not an image PIL can identify"),
         ("red/empty.jpg", "empty file (0 bytes)"),
@@ -169,11 +173,11 @@ def test_a_manifest_skips_and_reports_what_is_not_an_image(tmp_path):
     listed = [
         line.split("  ", 1)[1]
         for split in SPLITS
-        for line in (tmp_path / "prepared" / f"{split}_files.txt").read_text().splitlines()
+        for line in layout.prepared_files.files(split).read_text().splitlines()
     ]
     assert sorted(listed) == sorted(f"{c}/{i:02d}.jpg" for c in ("red", "blue") for i in range(6))
     assert sum(record.counts.values()) == 12
-    assert sorted(f.name for f in (tmp_path / "prepared").glob("*.npy")) == [
+    assert sorted(f.name for f in layout.prepared.glob("*.npy")) == [
         f"{split}_labels.npy" for split in sorted(SPLITS)
     ]
 
@@ -204,7 +208,7 @@ def test_prepared_arrays_a_ray_worker_cannot_read_are_one_clear_error(tmp_path):
     cfg = ExtractConfig(
         layers={"block5_pool": "avg"}, batch_size=4, storage_dtype="float32", precision="float32"
     )
-    engine = RayEngine(BackboneConfig(weights="random"), cfg, 32, "float32", "random")
+    engine = RayEngine(resolved("vgg16", cfg.layers), cfg, "float32", "random")
     with ray_session(RayConfig(), worker_env()):
         with pytest.raises(InputError, match="a Ray worker cannot read .*train_images.npy"):
             engine.stream(images, range(0, 8, 4), lambda *a: None, Budget(2, 2, 4), print)
@@ -232,7 +236,7 @@ def test_a_uri_root_lists_and_reads_as_the_local_folder(tmp_path):
 
 
 def test_a_manifest_needs_a_folder_of_files():
-    from pipeline.config import parse_params
+    from pipeline.project.params import Shared, validate
 
     with pytest.raises(ConfigError, match="prepared 'manifest' lists image files"):
-        parse_params({"data": {"source": "digits", "prepared": "manifest"}})
+        validate(Shared, {"data": {"source": "digits", "prepared": "manifest"}})

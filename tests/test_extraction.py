@@ -11,14 +11,23 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import Project, adaptive_bins, numpy_reduce, relative_error, separate_layer_features
+from conftest import (
+    Project,
+    adaptive_bins,
+    numpy_reduce,
+    relative_error,
+    resolved,
+    separate_layer_features,
+)
+from synthetic import synthetic_fingerprint
 
-from pipeline.backbones import load_backbone
-from pipeline.extraction import extract_split
-from pipeline.layers import Reduce, build_extractor, reduced_width
-from pipeline.records import Fingerprint, RecordError
-from pipeline.store import ChunkWriter, FeatureStoreError, open_features, open_splits
-from pipeline.synthetic import synthetic_fingerprint
+from pipeline.backbones.keras_apps import load_backbone
+from pipeline.features.extractor import Reduce, build_extractor
+from pipeline.features.job import extract_split
+from pipeline.features.reductions import reduced_width
+from pipeline.features.store import ChunkWriter, FeatureStoreError, open_features, open_splits
+from pipeline.project.layout import Layout
+from pipeline.project.records import Fingerprint, RecordError
 
 LAYERS = {"block2_pool": "avg", "block3_pool": "grid2", "block4_pool": "max", "block5_pool": "none"}
 
@@ -51,12 +60,12 @@ def test_one_pass_multi_layer_equals_separate_single_layer_models(
 ):
     images = rng_images(21, 32)  # not a multiple of the batch: the last batch is padded
     labels = np.arange(21) % 3
-    model, _ = build_extractor("vgg16", "random", 32, LAYERS)
+    model, _ = build_extractor(resolved("vgg16", LAYERS, 32))
     out = tmp_path / "features" / "train.h5"
     run_extract(model, images, labels, out, tmp_path / "scratch")
 
-    ff = open_features(out, expect={"backbone": {"name": "vgg16", "weights": "random"}})
-    backbone, _ = load_backbone("vgg16", "random", 32, list(LAYERS))
+    ff = open_features(out, expect={"extract": fingerprint_for(LAYERS).extract})
+    backbone, _ = load_backbone(resolved("vgg16", LAYERS, 32), list(LAYERS))
     want = separate_layer_features(backbone, images, LAYERS)
     assert ff.widths == {
         "block2_pool": 128,
@@ -76,7 +85,7 @@ def test_one_pass_multi_layer_equals_separate_single_layer_models(
 def test_float16_storage_is_close_to_float32(tmp_path, rng_images):
     layers = {"block2_pool": "avg", "block5_pool": "avg"}
     images, labels = rng_images(10, 32, seed=3), np.zeros(10, int)
-    model, _ = build_extractor("vgg16", "random", 32, layers)
+    model, _ = build_extractor(resolved("vgg16", layers, 32))
     run_extract(model, images, labels, tmp_path / "f16.h5", tmp_path / "s", layers, dtype="float16")
     run_extract(model, images, labels, tmp_path / "f32.h5", tmp_path / "s", layers, dtype="float32")
     with h5py.File(tmp_path / "f16.h5") as f:
@@ -143,36 +152,37 @@ def test_reduce_vectors_pass_through_and_symbolic_shapes():
 
 def test_stale_or_mismatched_features_are_refused(tmp_path, rng_images):
     layers = {"block5_pool": "avg"}
-    model, _ = build_extractor("vgg16", "random", 32, layers)
+    model, _ = build_extractor(resolved("vgg16", layers, 32))
     images, labels = rng_images(6, 32), np.zeros(6, int)
+    layout = Layout(tmp_path)
     for split in ("train", "val", "test"):
         fp = fingerprint_for(layers, "float16", data="other" if split == "test" else "same")
         extract_split(
             model,
             images,
             labels,
-            tmp_path / f"{split}.h5",
+            layout.features_file(split),
             fp,
             {"class_names": ["a"]},
             4,
             tmp_path / "s" / split,
             desc=split,
         )
-    resnet = {"name": "resnet50", "weights": "random"}
+    resnet = {"name": "resnet50", "weights": "random", "identity": "random"}
     with pytest.raises(
         RecordError, match="stale.*backbone.name='vgg16'.*'resnet50'.*dvc repro extract"
     ):
-        open_features(tmp_path / "train.h5", expect={"backbone": resnet})
+        open_features(layout.features_file("train"), expect={"backbone": resnet})
     with pytest.raises(FeatureStoreError, match="different extractions"):
-        open_splits(tmp_path)
+        open_splits(layout)
     with pytest.raises(FeatureStoreError, match="no layer 'fc2'.*block5_pool"):
-        open_features(tmp_path / "train.h5").read("fc2")
+        open_features(layout.features_file("train")).read("fc2")
     (tmp_path / "broken.h5").write_bytes(b"not hdf5")
     with pytest.raises(FeatureStoreError, match="unreadable"):
         open_features(tmp_path / "broken.h5")
     with pytest.raises(FeatureStoreError, match="does not exist"):
         open_features(tmp_path / "missing.h5")
-    ff = open_features(tmp_path / "val.h5")
+    ff = open_features(layout.features_file("val"))
     np.testing.assert_array_equal(
         np.concatenate(
             [ff.read("block5_pool", slice(0, 4)), ff.read("block5_pool", slice(4, None))]
@@ -206,7 +216,7 @@ class CrashingImages:
 def test_resume_after_crash_recomputes_only_the_rest(tmp_path, small_chunks, rng_images):
     layers = {"block2_pool": "avg", "block5_pool": "avg"}
     images, labels = rng_images(21, 32, seed=5), np.arange(21) % 3
-    model, _ = build_extractor("vgg16", "random", 32, layers)
+    model, _ = build_extractor(resolved("vgg16", layers, 32))
     out, scratch = tmp_path / "features" / "train.h5", tmp_path / "scratch"
 
     with pytest.raises(KeyboardInterrupt):
@@ -285,7 +295,7 @@ def test_killed_extract_cli_resumes_to_identical_features(project, monkeypatch):
     shutil.copytree(project.root / "data", clean / "data")
     monkeypatch.chdir(clean)
     Project(clean).main("extract")  # the same extraction, never interrupted (in this process)
-    got, want = open_splits(project.features), open_splits(clean / "features")
+    got, want = open_splits(project.layout), open_splits(Layout(clean))
     for split in ("train", "val", "test"):
         assert got[split].fingerprint == want[split].fingerprint
         np.testing.assert_array_equal(got[split].labels, want[split].labels)
@@ -298,11 +308,11 @@ def test_crash_while_assembling_the_file_leaves_no_features_file(
 ):
     """Killed while the HDF5 file is assembled from the chunks: out/ shows nothing, and the
     next run still finishes from the chunks."""
-    from pipeline import store
+    from pipeline.features import store
 
     layers = {"block5_pool": "avg"}
     images, labels = rng_images(12, 32, seed=7), np.zeros(12, int)
-    model, _ = build_extractor("vgg16", "random", 32, layers)
+    model, _ = build_extractor(resolved("vgg16", layers, 32))
     out = tmp_path / "features" / "train.h5"
     real_load, calls = store.np.load, []
 

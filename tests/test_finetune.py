@@ -17,29 +17,26 @@ import joblib
 import numpy as np
 import pytest
 from conftest import REPO, subprocess_env
-from sklearn.decomposition import IncrementalPCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
+from synthetic import write_features
 
-from pipeline import paths
-from pipeline.config import ConfigError, FinetuneConfig, parse_params
-from pipeline.data import load_split
-from pipeline.preparation import prepare
-from pipeline.provenance import code_digest, expected_features, head_params
-from pipeline.records import (
-    BestChoice,
-    Fingerprint,
-    HeadRecord,
-    RankedCell,
-    WeightsRecord,
-    file_sha256,
-)
-from pipeline.sources import source_record
-from pipeline.synthetic import write_features
+from pipeline.backbones.keras_apps import load_backbone
+from pipeline.data.ingest import prepare
+from pipeline.data.prepared import load_split
+from pipeline.data.sources import source_record
+from pipeline.features.store import open_splits
+from pipeline.finetuning.params import FinetuneConfig, FinetuneParams
+from pipeline.heads.saved import expected_head
+from pipeline.inputs.params import check
+from pipeline.project.layout import MODEL_FILES, SPLITS, Layout
+from pipeline.project.params import ConfigError
+from pipeline.project.provenance import expected_features
+from pipeline.project.records import BestChoice, Fingerprint, HeadRecord, RankedCell, file_sha256
 
 BACKBONE, LAYER, REDUCTION, UNFREEZE = "mobilenet_v2", "block_5_add", "avg", "block_4_expand"
 LINEAR = {
@@ -50,14 +47,14 @@ LINEAR = {
 }
 
 
-PARAMS = parse_params(
-    {
-        "data": {"source": "digits", "image_size": 32, "limit": 60},
-        "backbone": {"name": BACKBONE, "weights": "random"},
-        "extract": {"layers": {LAYER: REDUCTION}, "precision": "float32"},
-        "train": {"layers": [LAYER], "heads": ["logreg", "linear_svm", "knn", "random_forest"]},
-    }
-)
+RAW = {
+    "data": {"source": "digits", "image_size": 32, "limit": 60},
+    "backbone": {"name": BACKBONE, "weights": "random"},
+    "extract": {"layers": {LAYER: REDUCTION}, "precision": "float32", "storage_dtype": "float32"},
+    "train": {"layers": [LAYER], "heads": ["logreg", "linear_svm", "knn", "random_forest"]},
+}
+_, RECORD = check(RAW)  # the backbone as scan resolves it
+PARAMS = FinetuneParams.model_validate(RAW)
 
 
 def scaled(clf, *middle):
@@ -66,37 +63,32 @@ def scaled(clf, *middle):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Prepared digits, the seeded backbone, and every split's features from the extractor."""
+    """Prepared digits, scan's records, the seeded backbone, and every split's features as the
+    extract stage writes them."""
     import keras
 
-    from pipeline.backbones import load_backbone
-    from pipeline.layers import build_extractor
+    from pipeline.features.extractor import build_extractor
+    from pipeline.features.job import extract_all
 
-    root = tmp_path_factory.mktemp("finetune")
-    prepared, scan = root / "data" / "prepared", root / "data" / "scan"
-    meta, _ = prepare(PARAMS.data, prepared)
-    source_record(PARAMS.data).write(scan / "source.json")
-    WeightsRecord(backbone=BACKBONE, weights="random", identity="random").write(
-        scan / "weights.json"
-    )
-    data = {s: load_split(prepared, s) for s in ("train", "val", "test")}
-    extractor, weights = build_extractor(BACKBONE, "random", 32, {LAYER: REDUCTION})
-    feats = {
-        s: extractor.predict(np.asarray(x), batch_size=32, verbose=0) for s, (x, _) in data.items()
-    }
-    backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
+    layout = Layout(tmp_path_factory.mktemp("finetune"))
+    meta, _ = prepare(PARAMS.data, layout)
+    source_record(PARAMS.data).write(layout.source_record)
+    RECORD.write(layout.backbone_record)
+    data = {s: load_split(s, layout=layout) for s in SPLITS}
+    extractor, weights = build_extractor(RECORD)
     fingerprint = Fingerprint(
-        **expected_features(PARAMS, meta, scan),
+        **expected_features(PARAMS, meta, layout),
         weights_used=weights,
         precision="float32",
         image_size=32,
         versions={},
     )
+    extract_all(extractor, meta, fingerprint, 32, layout=layout)
+    feats = {s: ff.read(LAYER) for s, ff in open_splits(layout).items()}
+    backbone, _ = load_backbone(RECORD, [LAYER])
     keras.mixed_precision.set_dtype_policy("float32")
     return {
-        "root": root,
-        "prepared": prepared,
-        "scan": scan,
+        "layout": layout,
         "meta": meta,
         "data": data,
         "features": feats,
@@ -105,40 +97,42 @@ def world(tmp_path_factory):
     }
 
 
-def save_head(world, heads_dir, head: str, model, kind: str = "sklearn"):
+def project_on(world, root: Path) -> Layout:
+    """A project at `root` that reads the world's prepared data, scan records and features."""
+    layout = Layout(root)
+    for shared in ("data", "features"):
+        (root / shared).symlink_to(world["layout"].root / shared)
+    return layout
+
+
+def save_head(world, layout: Layout, head: str, model):
     """A trained head in the train stage's layout: model.joblib|model.keras + head.json."""
-    cell = paths.cell(LAYER, head)
-    directory = paths.cell_dir(heads_dir, LAYER, head)
+    provenance = expected_head(LAYER, head, PARAMS.train, world["fingerprint"])
+    directory = layout.cell_dir(LAYER, head)
     directory.mkdir(parents=True, exist_ok=True)
-    name = "model.joblib" if kind == "sklearn" else "model.keras"
-    if kind == "sklearn":
+    name = MODEL_FILES[provenance["kind"]]
+    if provenance["kind"] == "sklearn":
         joblib.dump(model, directory / name)
     else:
         model.save(directory / name)
     HeadRecord(
-        cell=cell,
-        layer=LAYER,
-        head=head,
-        kind=kind,
+        **provenance,
         model=name,
         model_sha256=file_sha256(directory / name),
-        params=head_params(PARAMS.train, head),
-        features=world["fingerprint"],
         reduction=REDUCTION,
         feature_width=int(world["features"]["train"].shape[1]),
         class_names=world["meta"].class_names,
         fit_path="memory",
         fit_on="train",
-        code=code_digest("train"),
     ).write(directory / "head.json")
-    return cell
+    return provenance["cell"]
 
 
-def best_choice(heads_dir, cells: list[str], vals: list[float]) -> BestChoice:
-    """models/best.json as select writes it, over trained heads in `heads_dir`."""
+def best_choice(layout: Layout, cells: list[str], vals: list[float]) -> BestChoice:
+    """models/best.json as select writes it, over trained heads in `layout`."""
     ranking = []
     for cell, val in zip(cells, vals):
-        folder = heads_dir / cell.rsplit("-", 1)[1] / cell
+        folder = layout.cell_dir(*cell.rsplit("-", 1))
         record = HeadRecord.read(folder / "head.json", "-")
         ranking.append(
             RankedCell(
@@ -171,9 +165,9 @@ def fit_sklearn(world, clf):
 
 
 def dense_head(world, epochs: int = 2):
-    """The train stage's own Keras head (heads.build_dense), fitted on the features."""
-    from pipeline.config import DenseConfig
-    from pipeline.heads import build_dense
+    """The train stage's own Keras head (heads.dense.build_dense), fitted on the features."""
+    from pipeline.heads.dense import build_dense
+    from pipeline.heads.registry import DenseConfig
 
     x, y = world["features"]["train"], world["data"]["train"][1]
     cfg = DenseConfig(hidden=[16], dropout=0.5, epochs=epochs)
@@ -183,10 +177,10 @@ def dense_head(world, epochs: int = 2):
 
 
 def assemble_from(world, head_model, backbone=None, unfreeze=UNFREEZE, augment=False):
-    from pipeline.assembly import assemble
+    from pipeline.finetuning.assembly import assemble
 
     return assemble(
-        backbone or world["backbone"], BACKBONE, LAYER, REDUCTION, head_model, unfreeze, augment
+        backbone or world["backbone"], RECORD, LAYER, REDUCTION, head_model, unfreeze, augment
     )
 
 
@@ -199,7 +193,7 @@ def test_linear_head_becomes_dense_with_identical_predictions(world, name):
     predictions on the validation images equal the frozen pipeline's."""
     import keras
 
-    from pipeline.conversion import linear_head, linear_head_weights
+    from pipeline.finetuning.conversion import linear_head, linear_head_weights
 
     pipe = fit_sklearn(world, scaled(LINEAR[name]()))
     feats = world["features"]["val"]
@@ -216,8 +210,8 @@ def test_linear_head_becomes_dense_with_identical_predictions(world, name):
         np.testing.assert_allclose(probs, pipe.predict_proba(feats), atol=1e-4)
 
 
-def test_binary_and_pca_pipelines_fold_exactly():
-    from pipeline.conversion import linear_head, linear_head_weights
+def test_binary_pipelines_and_missing_classes_fold_exactly():
+    from pipeline.finetuning.conversion import linear_head, linear_head_weights
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 12)) * rng.uniform(0.01, 50, 12) + rng.normal(size=12) * 10
@@ -228,14 +222,6 @@ def test_binary_and_pca_pipelines_fold_exactly():
         binary.predict_proba(x),
         atol=1e-5,
     )
-    pca = scaled(LogisticRegression(max_iter=2000), ("pca", IncrementalPCA(5, whiten=True))).fit(
-        x, y3
-    )
-    np.testing.assert_allclose(
-        linear_head(*linear_head_weights(pca, 3)).predict(x, verbose=0),
-        pca.predict_proba(x),
-        atol=1e-5,
-    )
     # classes absent from the head's training data are never predicted
     partial = scaled(LogisticRegression()).fit(x[y3 != 1], y3[y3 != 1])
     probs = linear_head(*linear_head_weights(partial, 3)).predict(x, verbose=0)
@@ -244,12 +230,13 @@ def test_binary_and_pca_pipelines_fold_exactly():
 
 
 def test_keras_head_loads_its_trained_weights(world, tmp_path):
-    from pipeline.conversion import HeadSpec, head_to_keras
-    from pipeline.heads import read_head
+    from pipeline.finetuning.conversion import HeadSpec, head_to_keras
+    from pipeline.heads.saved import read_head
 
     trained = dense_head(world)
-    cell = save_head(world, tmp_path, "dense", trained, kind="keras")
-    folder = paths.cell_dir(tmp_path, LAYER, "dense")
+    layout = Layout(tmp_path)
+    cell = save_head(world, layout, "dense", trained)
+    folder = layout.cell_dir(LAYER, "dense")
     spec = HeadSpec(cell, folder, read_head(folder))
     model, frozen_predict = head_to_keras(spec, 10)
     feats = world["features"]["val"]
@@ -263,26 +250,27 @@ def test_keras_head_loads_its_trained_weights(world, tmp_path):
 
 
 def test_fallback_to_the_best_expressible_head(world, tmp_path):
-    from pipeline.conversion import choose_head
+    from pipeline.finetuning.conversion import choose_head
 
+    layout = Layout(tmp_path)
     cells = [
-        save_head(world, tmp_path, "knn", fit_sklearn(world, scaled(KNeighborsClassifier(3)))),
+        save_head(world, layout, "knn", fit_sklearn(world, scaled(KNeighborsClassifier(3)))),
         save_head(
             world,
-            tmp_path,
+            layout,
             "random_forest",
-            fit_sklearn(
-                world, scaled(RandomForestClassifier(5, random_state=0), ("pca", IncrementalPCA(8)))
-            ),
+            fit_sklearn(world, scaled(RandomForestClassifier(5, random_state=0))),
         ),
-        save_head(world, tmp_path, "linear_svm", fit_sklearn(world, scaled(LinearSVC()))),
-        save_head(world, tmp_path, "logreg", fit_sklearn(world, scaled(LogisticRegression()))),
+        save_head(world, layout, "linear_svm", fit_sklearn(world, scaled(LinearSVC()))),
+        save_head(world, layout, "logreg", fit_sklearn(world, scaled(LogisticRegression()))),
     ]
-    best = best_choice(tmp_path, cells, [0.9 - i / 10 for i in range(len(cells))])
-    start = choose_head(best, tmp_path, 10)
+    best = best_choice(layout, cells, [0.9 - i / 10 for i in range(len(cells))])
+    fp = world["fingerprint"]
+    start = choose_head(best, PARAMS.train, fp, 10, layout)
     assert start.spec.cell == cells[2]  # linear_svm: the best one Keras can express
     assert "knn" in start.fallback and "random_forest" in start.fallback and "#3" in start.fallback
-    assert choose_head(best_choice(tmp_path, cells[3:], [0.6]), tmp_path, 10).fallback is None
+    only_logreg = best_choice(layout, cells[3:], [0.6])
+    assert choose_head(only_logreg, PARAMS.train, fp, 10, layout).fallback is None
 
 
 # ---------------------------------------------------------------- freezing
@@ -293,11 +281,10 @@ def test_training_changes_only_unfrozen_layers_and_keeps_bn_statistics(world):
     every BatchNormalization (moving statistics, gamma, beta) untouched, the rest changed."""
     import keras
 
-    from pipeline.backbones import load_backbone
-    from pipeline.conversion import linear_head, linear_head_weights
-    from pipeline.recipe import image_batches
+    from pipeline.finetuning.conversion import linear_head, linear_head_weights
+    from pipeline.finetuning.recipe import image_batches
 
-    backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
+    backbone, _ = load_backbone(RECORD, [LAYER])
     pretrained = {
         layer.name: [w.numpy().copy() for w in layer.weights] for layer in backbone.layers
     }
@@ -329,7 +316,7 @@ def test_training_changes_only_unfrozen_layers_and_keeps_bn_statistics(world):
 
 
 def test_unknown_unfreeze_layer_lists_valid_ones(world):
-    from pipeline.conversion import FinetuneError
+    from pipeline.finetuning.conversion import FinetuneError
 
     with pytest.raises(FinetuneError, match=r"unknown layer 'block_99_expand'.*block_4_expand"):
         assemble_from(world, dense_head(world, epochs=1), unfreeze="block_99_expand")
@@ -344,13 +331,12 @@ def test_unfreeze_above_the_heads_layer_says_nothing_trains(world):
 def test_mixed_precision_keeps_the_head_and_output_float32(world):
     import keras
 
-    from pipeline.backbones import load_backbone
-    from pipeline.conversion import linear_head, linear_head_weights
+    from pipeline.finetuning.conversion import linear_head, linear_head_weights
 
     head_pipe = fit_sklearn(world, scaled(LogisticRegression()))
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
-        backbone, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
+        backbone, _ = load_backbone(RECORD, [LAYER])
         assembly = assemble_from(
             world, linear_head(*linear_head_weights(head_pipe, 10)), backbone=backbone
         )
@@ -371,22 +357,12 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
     beats the starting point on validation, so the initial weights are restored exactly."""
     import keras
 
-    from pipeline.backbones import load_backbone
-    from pipeline.finetuning import Paths, finetune
+    from pipeline.finetuning.job import finetune
 
-    heads = tmp_path / "models" / "heads"
-    knn = save_head(world, heads, "knn", fit_sklearn(world, scaled(KNeighborsClassifier(3))))
-    logreg = save_head(world, heads, "logreg", fit_sklearn(world, scaled(LogisticRegression())))
-    best_choice(heads, [knn, logreg], [0.6, 0.5]).write(tmp_path / "models" / "best.json")
-    paths = Paths(
-        scan=world["scan"],
-        prepared=world["prepared"],
-        best=tmp_path / "models" / "best.json",
-        heads=heads,
-        out=tmp_path / "models" / "finetuned",
-        metrics=tmp_path / "metrics" / "finetune.json",
-        plots=tmp_path / "plots" / "finetune",
-    )
+    layout = project_on(world, tmp_path)
+    knn = save_head(world, layout, "knn", fit_sklearn(world, scaled(KNeighborsClassifier(3))))
+    logreg = save_head(world, layout, "logreg", fit_sklearn(world, scaled(LogisticRegression())))
+    best_choice(layout, [knn, logreg], [0.6, 0.5]).write(layout.best)
     cfg = {
         "enabled": True,
         "unfreeze": UNFREEZE,
@@ -397,7 +373,7 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
         "batch_size": 16,
         "precision": "float32",
     }
-    report = finetune(PARAMS.model_copy(update={"finetune": FinetuneConfig(**cfg)}), paths)
+    report = finetune(PARAMS.model_copy(update={"finetune": FinetuneConfig(**cfg)}), layout)
 
     schema = {
         "layer",
@@ -419,19 +395,19 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
     assert report["best_epoch"] == 0 and report["epochs_run"] >= 1
     assert report["val_accuracy"] == report["start_val_accuracy"]
     assert report["kept"] == "the starting head"
-    assert json.loads(paths.metrics.read_text()) == report
-    assert json.loads((paths.out / "status.json").read_text())["config"]["unfreeze"] == UNFREEZE
-    history = (paths.plots / "history.csv").read_text().splitlines()
+    assert json.loads(layout.finetune_metrics.read_text()) == report
+    assert json.loads(layout.finetune_status.read_text())["config"]["unfreeze"] == UNFREEZE
+    history = layout.finetune_history.read_text().splitlines()
     assert (
         history[0] == "epoch,phase,loss,accuracy,val_loss,val_accuracy"
         and len(history) == report["epochs_run"] + 2
     )
 
-    saved = keras.saving.load_model(paths.out / "model.keras", compile=False)
+    saved = keras.saving.load_model(layout.finetuned_model, compile=False)
     val_x, val_y = world["data"]["val"]
     acc = float(np.mean(np.argmax(saved.predict(np.asarray(val_x), verbose=0), axis=1) == val_y))
     assert acc == report["val_accuracy"]
-    pretrained, _ = load_backbone(BACKBONE, "random", 32, [LAYER])
+    pretrained, _ = load_backbone(RECORD, [LAYER])
     trunk = next(layer for layer in saved.layers if layer.name.startswith(f"{BACKBONE}_to_"))
     for layer in (layer for layer in trunk.layers if layer.weights):  # restored bit for bit
         for a, b in zip(layer.weights, pretrained.get_layer(layer.name).weights):
@@ -441,7 +417,7 @@ def test_stage_falls_back_keeps_the_initial_state_and_reports(world, tmp_path):
 def test_disabled_stage_writes_stubs_fast_without_tensorflow(tmp_path):
     (tmp_path / "params.yaml").write_text("finetune:\n  enabled: false\n")
     write_features(
-        tmp_path / "features",
+        tmp_path,
         {"a": 4},
         {"train": 8, "val": 4, "test": 4},
         n_classes=2,
@@ -477,11 +453,11 @@ def test_disabled_stage_writes_stubs_fast_without_tensorflow(tmp_path):
 
 
 def test_precision_param_is_validated_and_auto_resolves():
-    from pipeline.precision import resolve_precision
+    from pipeline.features.precision import resolve_precision
 
-    assert parse_params({"finetune": {"precision": "auto"}}).finetune.precision == "auto"
+    assert check({"finetune": {"precision": "auto"}})[0].finetune.precision == "auto"
     with pytest.raises(ConfigError, match="finetune.precision"):
-        parse_params({"finetune": {"precision": "bf16"}})
+        check({"finetune": {"precision": "bf16"}})
     assert resolve_precision("mixed_float16") == "mixed_float16"
     import tensorflow as tf
 
@@ -494,7 +470,7 @@ def test_an_epoch_tied_on_accuracy_with_lower_loss_beats_the_start():
     float64 (0.8979591837): the tie must still be broken by the loss."""
     import keras
 
-    from pipeline.recipe import keep_best
+    from pipeline.finetuning.recipe import keep_best
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     keep = keep_best({"val_accuracy": 44 / 49, "val_loss": 0.360}, patience=2, n_val=49)
@@ -509,10 +485,10 @@ def test_an_epoch_tied_on_accuracy_with_lower_loss_beats_the_start():
 def test_default_unfreeze_is_the_top_quarter_of_the_trunk():
     import keras
 
-    from pipeline.assembly import default_unfreeze
-    from pipeline.backbones import load_backbone
+    from pipeline.finetuning.assembly import default_unfreeze
 
-    vgg, _ = load_backbone("vgg16", "random", 32, ["block5_pool"])
+    _, vgg16 = check({"data": {"image_size": 32}, "backbone": {"weights": "random"}})
+    vgg, _ = load_backbone(vgg16, ["block5_pool"])
     trunk = keras.Model(vgg.inputs, vgg.get_layer("block5_pool").output)
     assert default_unfreeze(trunk) == "block5_conv1"  # 13 conv layers: the top 3
 
@@ -521,8 +497,8 @@ def test_head_phase_trains_the_head_alone_then_layer_rates_fall_to_the_bottom(wo
     """Phase 1 (LP) moves only the head; in phase 2 the lowest unfrozen layer gets `decay`
     times the top's rate, geometric in between."""
 
-    from pipeline.conversion import linear_head, linear_head_weights
-    from pipeline.recipe import image_batches, layer_rates, optimizer
+    from pipeline.finetuning.conversion import linear_head, linear_head_weights
+    from pipeline.finetuning.recipe import image_batches, layer_rates, optimizer
 
     head = linear_head(*linear_head_weights(fit_sklearn(world, scaled(LogisticRegression())), 10))
     assembly = assemble_from(world, head, augment=False)
@@ -552,7 +528,7 @@ def test_head_phase_trains_the_head_alone_then_layer_rates_fall_to_the_bottom(wo
 def test_layerwise_rates_scale_each_variables_step_and_the_schedule_warms_up():
     import keras
 
-    from pipeline.recipe import optimizer
+    from pipeline.finetuning.recipe import optimizer
 
     cfg = FinetuneConfig(optimizer="sgd", learning_rate=0.1, weight_decay=0, warmup_epochs=1)
     a, b = keras.Variable(np.zeros(3), name="a"), keras.Variable(np.zeros(3), name="b")
@@ -568,7 +544,7 @@ def test_layerwise_rates_scale_each_variables_step_and_the_schedule_warms_up():
 
 
 def test_augmentation_is_a_crop_and_flip_in_training_and_the_identity_otherwise():
-    from pipeline.augment import RandomResizedCropFlip
+    from pipeline.finetuning.augment import RandomResizedCropFlip
 
     ramp = np.tile(np.arange(16, dtype="float32")[None, None, :, None], (8, 16, 1, 3))
     layer = RandomResizedCropFlip(min_scale=0.5, seed=0)
@@ -585,7 +561,7 @@ def test_augmentation_is_a_crop_and_flip_in_training_and_the_identity_otherwise(
 
 
 def test_flip_only_and_vertical_flip_keep_every_pixel():
-    from pipeline.augment import RandomResizedCropFlip
+    from pipeline.finetuning.augment import RandomResizedCropFlip
 
     ramp = np.tile(np.arange(16, dtype="float32")[None, None, :, None], (8, 16, 1, 3))
     out = np.asarray(RandomResizedCropFlip(min_scale=1.0, seed=0)(ramp, training=True))
@@ -602,7 +578,7 @@ def test_flip_only_and_vertical_flip_keep_every_pixel():
 
 
 def test_stacked_reads_train_and_val_as_one_array_in_the_order_asked():
-    from pipeline.recipe import Stacked
+    from pipeline.finetuning.recipe import Stacked
 
     train, val = np.arange(10)[:, None] * 10, np.arange(5)[:, None] + 1000
     both = Stacked(train, val)

@@ -11,16 +11,17 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+from conftest import sharing_features
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from synthetic import write_features
 
-from pipeline import paths
-from pipeline.config import TrainConfig
-from pipeline.records import CellMetrics, HeadRecord, RecordError, file_sha256
-from pipeline.store import FeatureStoreError, open_splits
-from pipeline.synthetic import write_features
-from pipeline.training import train_cell
+from pipeline.features.store import FeatureStoreError, open_splits
+from pipeline.project.layout import Layout
+from pipeline.project.records import CellMetrics, HeadRecord, RecordError, file_sha256
+from pipeline.selection.cells import train_cell
+from pipeline.selection.params import TrainConfig
 
 WIDTHS = {"small": 24, "wide": 1024}
 REPO = Path(__file__).resolve().parents[1]
@@ -31,17 +32,15 @@ ROWS = {"train": 480, "val": 160, "test": 160}  # wide train: 480 x 1024 x 4 B =
 def features(tmp_path_factory):
     """Synthetic features written by the store's writer; train rows sorted by class (the
     streaming path must shuffle)."""
-    directory = tmp_path_factory.mktemp("heads") / "features"
-    write_features(directory, WIDTHS, ROWS, n_classes=4, sort_train=True, seed=1)
-    return directory
+    root = tmp_path_factory.mktemp("heads")
+    write_features(root, WIDTHS, ROWS, n_classes=4, sort_train=True, seed=1)
+    return root
 
 
 def run_cell(tmp_path, features, layer, head, expect=None, **train):
-    cfg = TrainConfig(**train)
-    metrics = train_cell(
-        layer, head, cfg, expect, features, tmp_path / "models", tmp_path / "metrics"
-    )
-    return metrics, paths.cell_dir(tmp_path / "models", layer, head)
+    layout = sharing_features(tmp_path, features)
+    metrics = train_cell(layer, head, TrainConfig(**train), expect, layout)
+    return metrics, layout.cell_dir(layer, head)
 
 
 def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
@@ -49,11 +48,9 @@ def test_linear_head_matches_sklearn_on_the_same_arrays(tmp_path, features):
         tmp_path, features, "wide", "logreg", logreg={"C": 0.5, "max_iter": 500}, cv={"folds": 0}
     )
     assert metrics.fit_path == "memory" and metrics.selection == "val" and metrics.n_val == 160
-    assert (
-        CellMetrics.read(paths.cell_metrics(tmp_path / "metrics", "wide", "logreg"), "-") == metrics
-    )
+    assert CellMetrics.read(Layout(tmp_path).cell_metrics("wide", "logreg"), "-") == metrics
 
-    splits = open_splits(features)
+    splits = open_splits(Layout(features))
     x, y = splits["train"].read("wide"), splits["train"].labels
     xv, yv = splits["val"].read("wide"), splits["val"].labels
     reference = Pipeline(
@@ -112,7 +109,7 @@ def test_dense_head_streams_and_stops_early(tmp_path, features):
     assert info.kind == "keras" and info.model == "model.keras"
     model = keras.models.load_model(out / info.model)
     assert isinstance(model.layers[1], keras.layers.Normalization)
-    x = open_splits(features)["val"].read("wide")[:8]
+    x = open_splits(Layout(features))["val"].read("wide")[:8]
     np.testing.assert_allclose(model.predict(x, verbose=0).sum(axis=1), 1.0, rtol=1e-5)
 
 
@@ -120,7 +117,7 @@ def test_dense_head_streams_and_stops_early(tmp_path, features):
     "field, value, named",
     [
         ("backbone", {"name": "vgg19", "weights": "random"}, "backbone.name='vgg16'"),
-        ("weights", "file:sha256:" + "0" * 64, "weights='random'"),
+        ("backbone", {"identity": "file:sha256:" + "0" * 64}, "backbone.identity='random'"),
         ("extract", {"layers": {"small": "max", "wide": "avg"}}, "extract.layers.small='avg'"),
         ("data", "other-images", "data='synthetic-1'"),
         ("code", "other-code", "code='synthetic'"),
@@ -129,14 +126,14 @@ def test_dense_head_streams_and_stops_early(tmp_path, features):
 def test_features_made_by_other_params_inputs_or_code_are_refused(
     tmp_path, features, field, value, named
 ):
-    have = open_splits(features)["train"].fingerprint.model_dump()
-    if field == "extract":
-        value = {**have["extract"], **value}
-    expect = {k: have[k] for k in ("backbone", "weights", "extract", "data", "code")}
+    have = open_splits(Layout(features))["train"].fingerprint.model_dump()
+    if field in ("backbone", "extract"):
+        value = {**have[field], **value}
+    expect = {k: have[k] for k in ("backbone", "extract", "data", "code")}
     run_cell(tmp_path / "ok", features, "small", "logreg", expect)  # the same: accepted
     with pytest.raises(RecordError, match=rf"stale.*{re.escape(named)}.*dvc repro extract"):
         run_cell(tmp_path, features, "small", "logreg", {**expect, field: value})
-    assert not (tmp_path / "metrics").exists()
+    assert not Layout(tmp_path).train_metrics.exists()
 
 
 def test_a_layer_that_was_not_cached_is_refused(tmp_path, features):

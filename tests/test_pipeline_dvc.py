@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import dvc_repo, ran, restored, sh
 
-from pipeline import paths
+from pipeline.project.layout import Layout
 
 LAYERS = ["block2_pool", "block5_pool"]  # VGG16's `extract.layers: auto` at 32 px
 HEADS = ["logreg", "knn"]
@@ -114,7 +114,7 @@ def test_returning_to_an_earlier_backbone_restores_every_stage_from_the_run_cach
     assert best["features"] != json.loads(vgg19_best)["features"]
     for layer in LAYERS:
         for head in HEADS:
-            path = paths.cell_metrics(project / paths.TRAIN_METRICS, layer, head)
+            path = Layout(project).cell_metrics(layer, head)
             assert json.loads(path.read_text())["backbone"] == "vgg16"
     for name in ("select.json", "test.json", "finetune.json"):
         metrics = json.loads((project / "metrics" / name).read_text())
@@ -145,3 +145,39 @@ def test_finetune_enabled_reports_frozen_and_finetuned_side_by_side(project, rep
         if report["fallback"] is None:  # float32 Dense vs scikit-learn: one image at most
             n = test["frozen"]["n_test"]
             assert abs(report["test_accuracy"] - test["frozen"]["test_accuracy"]) <= 1 / n
+
+
+NEWER_FAMILIES = ["convnext_tiny", "densenet121", "efficientnet_v2_b0", "mobilenet_v3_small"]
+
+
+def test_the_newer_families_run_end_to_end_through_dvc(tmp_path):
+    """ConvNeXt (whose block ends are residual sums: operations, not layers), DenseNet,
+    EfficientNetV2 and MobileNetV3 at 32 px: each extracts its auto layers and is trained,
+    ranked and evaluated on them; ConvNeXt is fine-tuned as well."""
+    from pipeline.backbones.registry import get_backbone
+
+    params = {
+        "data": {"image_size": 32, "limit": 60},
+        "backbone": {"name": NEWER_FAMILIES[0], "weights": "random"},
+        "extract": {"batch_size": 16},
+        "train": {"layers": ["add_14"], "heads": ["logreg"], "cv": {"folds": 0}},
+        "finetune": {"enabled": True, "head_epochs": 0, "epochs": 1, "batch_size": 16},
+    }
+    root = dvc_repo(tmp_path / "repo", params)  # extract.layers: auto
+    output = sh(root, sys.executable, "-m", "dvc", "repro")
+    assert {"extract", "train@logreg", "finetune", "evaluate"} <= ran(output)
+    report = json.loads((root / "metrics" / "finetune.json").read_text())
+    assert report["enabled"] and report["backbone"] == "convnext_tiny"
+    assert report["layer"] == "add_14" and 0 <= report["test_accuracy"] <= 1
+    for name in NEWER_FAMILIES:
+        if name != NEWER_FAMILIES[0]:
+            output = sh(
+                root, sys.executable, "-m", "dvc", "exp", "run",
+                "-S", f"backbone.name={name}", "-S", "train.layers=null",
+                "-S", "finetune.enabled=false",
+            )  # fmt: skip
+            assert "extract" in ran(output), output
+        trained = {"add_14"} if name == NEWER_FAMILIES[0] else set(get_backbone(name).auto(32))
+        assert {r["layer"] for r in leaderboard(root)} == trained
+        test = json.loads((root / "metrics" / "test.json").read_text())
+        assert test["backbone"] == name and test["frozen"]["test_accuracy"] > 0.1, test

@@ -16,37 +16,65 @@ import pytest
 import yaml
 from conftest import REPO
 
-from pipeline import extraction, paths, provenance, store
-from pipeline.config import load_params
-from pipeline.data import DataError, NpyRows, load_split
-from pipeline.preparation import prepare
-from pipeline.records import PreparedRecord, RecordError
-from pipeline.store import FeatureStoreError, open_splits
+from pipeline.data.arrays import NpyRows
+from pipeline.data.decoding import DataError
+from pipeline.data.ingest import prepare
+from pipeline.data.prepared import load_split
+from pipeline.features import job, store
+from pipeline.features.store import FeatureStoreError, open_splits
+from pipeline.project import deps, provenance
+from pipeline.project.layout import Layout
+from pipeline.project.params import load_params
+from pipeline.project.records import PreparedRecord, RecordError
 
 # ---------------------------------------------------------------- dvc.yaml deps
 
 
 def test_dvc_yaml_lists_every_module_and_library_each_stage_imports():
-    """A stage's deps name exactly the modules its CLI imports, transitively (lazy imports
-    inside functions too), and scan's version records of the libraries that code imports, so
-    a code change or a new library version re-runs every stage that runs that code."""
+    """A stage's deps name exactly the modules its command imports, transitively (lazy imports
+    inside functions too, and the packages' __init__.py), and scan's version records of the
+    libraries that code imports, so a code change or a new library version re-runs every stage
+    that runs that code (`python -m pipeline.project.deps` writes them)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    records = {str(paths.library_record(d)) for d in provenance.LIBRARIES.values()}
+    records = {str(Layout().library_record(d)) for d in provenance.LIBRARIES.values()}
     assert records <= set(stages["scan"]["outs"])
     for name, stage in stages.items():
-        module = stage["cmd"].split("pipeline.")[1].split()[0]
+        assert stage["deps"] == deps.derived_deps(name, stage), name
+        module = deps.stage_module(stage["cmd"])
         listed = {d for d in stage["deps"] if d.startswith("pipeline/")}
-        assert listed == set(provenance.stage_modules(module)), name
+        assert f"pipeline/{module}.py" in listed and "pipeline/__init__.py" in listed
         if name != "scan":  # it writes them
-            wanted = {str(paths.library_record(d)) for d in provenance.stage_libraries(module)}
+            wanted = {str(Layout().library_record(d)) for d in provenance.stage_libraries(module)}
             assert records & set(stage["deps"]) == wanted, name
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.project.deps", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
 
 
-def test_the_import_closure_follows_lazy_imports():
-    # finetuning imports heads and data inside functions only
-    assert {"pipeline/heads.py", "pipeline/data.py"} <= set(provenance.stage_modules("finetune"))
-    assert "pipeline/heads.py" not in provenance.stage_modules("extract")
+def test_the_import_closure_follows_lazy_imports_and_packages():
+    # finetuning.conversion imports selection.cells inside a function only
+    finetune = provenance.stage_modules("finetune")
+    assert {"pipeline/selection/cells.py", "pipeline/finetuning/__init__.py"} <= set(finetune)
+    assert "pipeline/heads/fit.py" not in provenance.stage_modules("extract")
     assert provenance.code_digest("extract") != provenance.code_digest("train")
+
+
+def test_only_scan_reads_the_backbone_registry():
+    """A new registry row or family rule changes no code digest of a stage after scan: the
+    stages that build a backbone read scan's record of it, the others the features'
+    fingerprint."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = deps.stage_module(stage["cmd"])
+        reads = {"pipeline/backbones/registry.py", "pipeline/backbones/facts.py"}
+        assert bool(reads & set(provenance.stage_modules(module))) == (name == "scan"), name
+        builds = "pipeline/backbones/keras_apps.py" in provenance.stage_modules(module)
+        assert builds == (name in ("scan", "extract", "finetune")), name
+        assert ("data/scan/backbone.json" in stage["deps"]) == (name in ("extract", "finetune"))
 
 
 def test_a_new_scikit_learn_never_reruns_the_backbone():
@@ -61,9 +89,9 @@ def test_a_new_scikit_learn_never_reruns_the_backbone():
 
 
 def test_a_killed_prepare_leaves_no_prepared_folder(project, monkeypatch):
-    from pipeline import data
+    from pipeline.data import arrays
 
-    real, calls = data.NpyWriter.append, []
+    real, calls = arrays.NpyWriter.append, []
 
     def dying(self, row):
         calls.append(1)
@@ -71,9 +99,9 @@ def test_a_killed_prepare_leaves_no_prepared_folder(project, monkeypatch):
             raise KeyboardInterrupt("killed")
         real(self, row)
 
-    monkeypatch.setattr(data.NpyWriter, "append", dying)
+    monkeypatch.setattr(arrays.NpyWriter, "append", dying)
     with pytest.raises(KeyboardInterrupt):
-        prepare(load_params().data, project.prepared)
+        prepare(load_params().data, project.layout)
     assert not project.prepared.exists() and not list(project.root.rglob("*.partial"))
 
 
@@ -90,7 +118,7 @@ def test_truncated_or_miscounted_prepared_files_are_refused(project):
     labels = project.prepared / "test_labels.npy"
     np.save(labels, np.load(labels)[:-1])
     with pytest.raises(DataError, match="test split has 12 images and 11 labels"):
-        load_split(project.prepared, "test", record)
+        load_split("test", record, layout=project.layout)
 
 
 def test_prepared_data_of_other_params_or_changed_bytes_is_refused(project):
@@ -165,7 +193,7 @@ def test_bytes_changed_inside_a_dataset_fail_its_checksum(extracted):
     start = offset + n_bytes // 2 - 200
     raw[start : start + 400] = os.urandom(400)
     path.write_bytes(bytes(raw))
-    ff = open_splits(extracted.features)["train"]  # attrs and labels still read
+    ff = open_splits(extracted.layout)["train"]  # attrs and labels still read
     with pytest.raises(FeatureStoreError, match="train.h5 is corrupt.*checksum"):
         ff.read("block5_pool")
     ff.read("block2_pool")  # the other dataset is intact
@@ -194,15 +222,14 @@ class Reader:
 
 def _extract(project, monkeypatch, crash_split=None, crash_at=1):
     """Run the extract stage's library call in-process; wrap each split's images in a Reader."""
-    from pipeline.config import load_params
-    from pipeline.extraction import extract_all, versions
-    from pipeline.layers import build_extractor
-    from pipeline.provenance import current_prepared, expected_features
-    from pipeline.records import Fingerprint
+    from pipeline.features.extractor import build_extractor
+    from pipeline.features.job import extract_all, versions
+    from pipeline.project.provenance import current_prepared, expected_features, scanned_backbone
+    from pipeline.project.records import Fingerprint
 
     params = load_params()
     prepared = current_prepared(params)
-    model, used = build_extractor("vgg16", "random", 32, params.extract.layers)
+    model, used = build_extractor(scanned_backbone(params))
     fp = Fingerprint(
         **expected_features(params, prepared),
         weights_used=used,
@@ -212,13 +239,13 @@ def _extract(project, monkeypatch, crash_split=None, crash_at=1):
     )
     readers = {}
 
-    def reading(directory, split, record=None, workers=1):
-        images, labels = load_split(directory, split, record, workers)
+    def reading(split, record=None, workers=1, layout=Layout()):
+        images, labels = load_split(split, record, workers, layout)
         readers[split] = Reader(images, crash_at if split == crash_split else None)
         return readers[split], labels
 
-    monkeypatch.setattr(extraction, "load_split", reading)
-    extract_all(model, project.prepared, prepared, fp, project.features, project.scratch, 8)
+    monkeypatch.setattr(job, "load_split", reading)
+    extract_all(model, prepared, fp, 8, layout=project.layout)
     return readers, fp
 
 
@@ -231,7 +258,7 @@ def test_a_kill_during_the_test_split_keeps_train_and_val(project, monkeypatch, 
     readers, fp = _extract(project, monkeypatch)
     assert set(readers) == {"test"}  # train and val were finished and kept
     assert "train: finished by an earlier run, kept" in capsys.readouterr().out
-    assert {s: f.fingerprint for s, f in open_splits(project.features).items()} == dict.fromkeys(
+    assert {s: f.fingerprint for s, f in open_splits(project.layout).items()} == dict.fromkeys(
         ("train", "val", "test"), fp
     )
     assert not (project.scratch / fp.key).exists()
@@ -304,14 +331,15 @@ def test_a_real_full_disk_while_writing_chunks(project, monkeypatch, small_disk)
     filler.unlink()
     readers, _ = _extract(project, monkeypatch)
     assert readers["train"].rows == len(readers["train"]) - done * 8
-    assert open_splits(project.features)["train"].read("block5_pool").shape[1] == 512
+    assert open_splits(project.layout)["train"].read("block5_pool").shape[1] == 512
 
 
 def test_a_pickled_payload_never_runs(tmp_path):
     """A model.joblib replaced by a pickle that runs a command is refused before loading."""
-    from pipeline.heads import load_head
-    from pipeline.records import HeadRecord, file_sha256
-    from pipeline.synthetic import synthetic_fingerprint
+    from synthetic import synthetic_fingerprint
+
+    from pipeline.heads.saved import load_head
+    from pipeline.project.records import HeadRecord, file_sha256
 
     directory = tmp_path / "a-logreg"
     directory.mkdir()
@@ -355,7 +383,7 @@ def test_records_refuse_a_wrong_schema(tmp_path):
 
 def test_prepare_is_atomic_over_an_earlier_result(project, monkeypatch):
     """A prepare that fails part-way leaves the earlier data/prepared as it was."""
-    from pipeline import preparation
+    from pipeline.data import ingest
 
     project.main("scan")
     project.main("prepare")
@@ -364,9 +392,9 @@ def test_prepare_is_atomic_over_an_earlier_result(project, monkeypatch):
     def failing(*args, **kwargs):
         raise DataError("a bad image")
 
-    monkeypatch.setattr(preparation, "decode_split", failing)
+    monkeypatch.setattr(ingest, "decode_split", failing)
     with pytest.raises(DataError, match="a bad image"):
-        prepare(load_params().data, project.prepared)
+        prepare(load_params().data, project.layout)
     assert (project.prepared / "meta.json").read_text() == before
     assert not Path(str(project.prepared) + ".partial").exists()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,12 +96,12 @@ def test_folder_source_changes_rerun_prepare(tmp_path, make_image_folder):
 
 
 def test_a_module_imported_by_extract_reruns_it_when_changed(tmp_path):
-    """pipeline/data.py is imported by prepare, extract and finetune: a change there makes
-    each of them out of date (the deps in dvc.yaml are derived, see test_provenance)."""
+    """pipeline/data/decoding.py is imported by prepare, extract and finetune: a change there
+    makes each of them out of date (the deps in dvc.yaml are derived, see test_provenance)."""
     root = dvc_repo(tmp_path / "repo", SMALL, ONE_LAYER)
     dvc(root, "repro", "extract")
     assert "changed" not in dvc(root, "status", "extract")
-    with (root / "pipeline" / "data.py").open("a") as f:
+    with (root / "pipeline" / "data" / "decoding.py").open("a") as f:
         f.write("\n# a change\n")
     status = dvc(root, "status")
     for stage in ("prepare:", "extract:", "finetune:"):
@@ -161,7 +162,7 @@ def _kill_during_extract(root: Path) -> None:
 
 
 def test_resume_after_a_code_change_recomputes_every_row(tmp_path):
-    """Killed part-way, then pipeline/layers.py changed (the avg reduction doubled): the
+    """Killed part-way, then pipeline/features/extractor.py changed (avg doubled): the
     next `dvc repro` must not keep rows from the old code. The code digest is part of the
     fingerprint, so the old scratch is abandoned (and removed) and every row is new."""
     import h5py
@@ -176,7 +177,7 @@ def test_resume_after_a_code_change_recomputes_every_row(tmp_path):
     old = list((root / ".cache" / "extract").glob("*/train"))
     assert len(old) == 1 and 2 <= len(list(old[0].glob("chunk_*.npz"))) < len(before) // 8
 
-    layers = root / "pipeline" / "layers.py"
+    layers = root / "pipeline" / "features" / "extractor.py"
     code = layers.read_text()
     doubled = code.replace("return ops.mean(x, axis=(1, 2))", "return 2 * ops.mean(x, axis=(1, 2))")
     assert doubled != code
@@ -188,3 +189,39 @@ def test_resume_after_a_code_change_recomputes_every_row(tmp_path):
         after = f["features/block5_pool"][:]
     np.testing.assert_allclose(after, 2 * before, rtol=1e-6)  # every row, none from the old code
     assert not [p for p in (root / ".cache" / "extract").iterdir() if p.is_dir()]
+
+
+def status_stages(root: Path) -> set[str]:
+    """The stages `dvc status` lists as changed (scan always is: it runs every time)."""
+    return set(re.findall(r"^(\S+):\s*$", dvc(root, "status"), re.M))
+
+
+def test_a_new_registry_row_reruns_nothing_and_a_change_to_the_used_one_reruns_extract(tmp_path):
+    """Only scan reads the backbone registry; the stages that build the backbone depend on
+    scan's record of the one row the project uses (data/scan/backbone.json)."""
+    root = dvc_repo(tmp_path / "repo", SMALL, {"train.layers": None})  # extract.layers: auto
+    dvc(root, "repro")
+    registry = root / "pipeline" / "backbones" / "registry.py"
+    code = registry.read_text()
+    grown = code.replace(
+        '    Row("vgg19", "vgg", "vgg19", "VGG19"),\n',
+        '    Row("vgg19", "vgg", "vgg19", "VGG19"),\n    Row("vgg19_again", "vgg", "vgg19", "VGG19"),\n',
+    ).replace("min_side=71)", "min_side=72)")  # and a rule of a family the project does not use
+    assert grown.count("vgg19_again") == 1 and "min_side=72" in grown
+    registry.write_text(grown)
+    assert status_stages(root) == {"scan"}
+    assert ran(dvc(root, "repro")) == {"scan"}
+
+    registry.write_text(
+        grown.replace(
+            'auto=("block2_pool", "block5_pool", "fc2")',
+            'auto=("block3_pool", "block5_pool", "fc2")',
+        )
+    )
+    output = dvc(root, "repro")
+    assert {"extract", "train@logreg", "select", "evaluate"} <= ran(output)
+    assert "prepare" not in ran(output)
+    import h5py
+
+    with h5py.File(root / "features" / "train.h5") as f:
+        assert sorted(f["features"]) == ["block3_pool", "block5_pool"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.scoring import score, wilson_interval
+from pipeline.selection.scoring import score, wilson_interval
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_score_counts_every_class_and_brackets_the_accuracy():
 
 
 def test_finetuning_scores_through_the_same_function():
-    from pipeline.finetuning import _scores
+    from pipeline.finetuning.job import _scores
 
     labels = np.array([0, 0, 1, 1, 2, 2])
     probs = np.eye(4)[[0, 0, 1, 0, 0, 0]] * 0.9 + 0.025

@@ -9,19 +9,18 @@ import shutil
 
 import numpy as np
 import pytest
+from synthetic import synthetic_fingerprint, write_features
 
-from pipeline import paths
-from pipeline.config import SelectConfig, TrainConfig
-from pipeline.evaluation import evaluate
-from pipeline.leaderboard import SelectError, select
-from pipeline.provenance import code_digest, head_params
-from pipeline.records import CellMetrics, HeadRecord, RecordError, file_sha256
-from pipeline.scoring import wilson_interval
-from pipeline.synthetic import synthetic_fingerprint, write_features
-from pipeline.training import train_cell
+from pipeline.heads.saved import expected_head
+from pipeline.project.layout import MODEL_FILES, Layout
+from pipeline.project.records import CellMetrics, HeadRecord, RecordError, file_sha256
+from pipeline.selection.cells import train_cell
+from pipeline.selection.leaderboard import SelectError, select
+from pipeline.selection.params import SelectConfig, TrainConfig
+from pipeline.selection.report import evaluate
+from pipeline.selection.scoring import wilson_interval
 
 FINGERPRINT = synthetic_fingerprint(["a", "b"])
-TRAIN_CODE = code_digest("train")
 
 
 def fake_cell(
@@ -29,11 +28,12 @@ def fake_cell(
 ):
     """metrics/train/<cell>.json and models/heads/<cell>/ as a train cell writes them: the
     estimate by `folds`-fold cross-validation over 100 images (folds None: the val split)."""
-    cell, kind = paths.cell(layer, head), "keras" if head == "dense" else "sklearn"
-    model = "model.keras" if kind == "keras" else "model.joblib"
-    folder = paths.cell_dir(root / "heads", layer, head)
+    provenance = expected_head(layer, head, TrainConfig(), features)
+    model = MODEL_FILES[provenance["kind"]]
+    layout = Layout(root)
+    folder = layout.cell_dir(layer, head)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / model).write_text(f"model of {cell}")
+    (folder / model).write_text(f"model of {provenance['cell']}")
     sha = file_sha256(folder / model)
     CellMetrics(
         layer=layer,
@@ -59,40 +59,26 @@ def fake_cell(
         test_macro_f1=test,
         fit_seconds=fit,
         model_sha256=sha,
-    ).write(paths.cell_metrics(root / "metrics", layer, head))
+    ).write(layout.cell_metrics(layer, head))
     HeadRecord(
-        cell=cell,
-        layer=layer,
-        head=head,
-        kind=kind,
+        **provenance,
         model=model,
         model_sha256=sha,
-        params=head_params(TrainConfig(), head),
-        features=features,
         reduction="avg",
         feature_width=8,
         class_names=["x", "y"],
         fit_path="memory",
         fit_on="train" if folds is None else "train+val",
-        code=TRAIN_CODE,
     ).write(folder / "head.json")
 
 
 def run_select(root, layers, heads, metric="val_accuracy"):
-    return select(
-        TrainConfig(layers=layers, heads=heads),
-        SelectConfig(metric=metric),
-        FINGERPRINT,
-        root / "metrics",
-        root / "heads",
-        root / "reports",
-        root / "best.json",
-        root / "select.json",
-    )
+    cfg = TrainConfig(layers=layers, heads=heads)
+    return select(cfg, SelectConfig(metric=metric), FINGERPRINT, Layout(root))
 
 
 def leaderboard(root):
-    with (root / "reports" / "leaderboard.csv").open() as f:
+    with Layout(root).leaderboard_csv.open() as f:
         return list(csv.DictReader(f))
 
 
@@ -119,17 +105,14 @@ def test_leaderboard_rows_are_the_current_layers_x_heads(tmp_path):
     ]
     table = [
         line
-        for line in (tmp_path / "reports" / "leaderboard.md").read_text().splitlines()
+        for line in Layout(tmp_path).leaderboard_md.read_text().splitlines()
         if line.startswith("| ") and not line.startswith("| rank")
     ]
     assert [line.split(" | ")[1] for line in table] == [r["cell"] for r in rows]
     first_expressible = next(i for i, r in enumerate(rows) if r["head"] in ("logreg", "dense"))
     assert [r.cell for r in best.ranking] == [r["cell"] for r in rows[: first_expressible + 1]]
-    assert best.model.endswith(
-        f"heads/{best.head}/{best.cell}/"
-        + ("model.keras" if best.head == "dense" else "model.joblib")
-    )
-    summary = json.loads((tmp_path / "select.json").read_text())
+    assert best.model.endswith(f"heads/{best.head}/{best.cell}/{MODEL_FILES[best.kind]}")
+    summary = json.loads(Layout(tmp_path).select_metrics.read_text())
     assert summary["best_cell"] == best.cell == rows[0]["cell"]
     assert summary["by_layer"] == {
         la: max(float(r["val_accuracy"]) for r in rows if r["layer"] == la) for la in layers
@@ -160,7 +143,7 @@ def test_best_json_holds_digests_of_the_models_finetuning_may_read(tmp_path):
     best = run_select(tmp_path, ["a"], list(vals))
     # down the ranking to the first head Keras can express (logreg), and no further
     assert [r.cell for r in best.ranking] == ["a-knn", "a-random_forest", "a-logreg"]
-    model = paths.cell_dir(tmp_path / "heads", "a", "logreg") / "model.joblib"
+    model = Layout(tmp_path).cell_dir("a", "logreg") / "model.joblib"
     assert best.ranking[-1].model_sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
@@ -184,8 +167,8 @@ def test_ties_are_broken_by_macro_f1_then_a_stated_rule(tmp_path):
     ]
     assert best.tie_break.startswith("4 cells tie on val_accuracy and val_macro_f1")
     assert best.tie_break.endswith("then to the narrower layer: c-logreg")
-    assert f"Tie: {best.tie_break}." in (tmp_path / "reports" / "leaderboard.md").read_text()
-    assert json.loads((tmp_path / "select.json").read_text())["tie_break"] == best.tie_break
+    assert f"Tie: {best.tie_break}." in Layout(tmp_path).leaderboard_md.read_text()
+    assert json.loads(Layout(tmp_path).select_metrics.read_text())["tie_break"] == best.tie_break
     fake_cell(tmp_path, "c", "logreg", val=0.95, test=0.5)
     assert run_select(tmp_path, ["a", "b", "c"], ["logreg", "knn"]).tie_break is None
 
@@ -200,28 +183,22 @@ def test_leaderboard_says_how_each_cell_was_estimated_and_its_fold_spread(tmp_pa
         ("b-logreg", "val", "", "100"),
     ]
     assert (rows[0]["val_fold_std"], rows[1]["val_fold_std"]) == ("0.03", "")
-    md = (tmp_path / "reports" / "leaderboard.md").read_text()
+    md = Layout(tmp_path).leaderboard_md.read_text()
     assert "| 1 | a-logreg | memory | 8 | cv5 | 100 | 0.9000 | [0.826, 0.945] | " in md
     assert "\u00b10.030 [0.850, 0.950]" in md and "| 2 | b-logreg | memory | 8 | val | 100 |" in md
     note = "mixed: 5-fold cv (a-logreg); the val split alone (b-logreg)"
     assert best.selection_note == note and f"Selection: {note}." in md
     assert (best.selection, best.cv_folds) == ("cv", 5)
-    summary = json.loads((tmp_path / "select.json").read_text())
+    summary = json.loads(Layout(tmp_path).select_metrics.read_text())
     assert summary["selection"] == note and summary["best_val_fold_std"] == 0.03
-
-
-def test_every_head_has_a_place_in_the_tie_rule():
-    from pipeline.config import HEADS
-    from pipeline.leaderboard import HEAD_PREFERENCE
-
-    assert sorted(HEAD_PREFERENCE) == sorted(HEADS)
 
 
 def test_missing_or_mismatched_cells_are_reported(tmp_path):
     fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
     with pytest.raises(RecordError, match=r"knn/a-knn\.json not found: run `dvc repro train@knn`"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
-    other = synthetic_fingerprint(["a", "b"], backbone={"name": "vgg19", "weights": "random"})
+    vgg19 = {"name": "vgg19", "weights": "random", "identity": "random"}
+    other = synthetic_fingerprint(["a", "b"], backbone=vgg19)
     fake_cell(tmp_path, "a", "knn", 0.9, 0.9, features=other)
     with pytest.raises(RecordError, match=r"a-knn/head.json is stale.*features.backbone.name"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
@@ -233,13 +210,13 @@ def test_a_replaced_model_file_is_refused_before_it_is_read(tmp_path):
     fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
     fake_cell(tmp_path, "a", "knn", 0.8, 0.8)
     run_select(tmp_path, ["a"], ["logreg", "knn"])
-    heads = tmp_path / "heads"
+    heads = Layout(tmp_path).heads
     shutil.copy(heads / "knn" / "a-knn" / "model.joblib", heads / "logreg" / "a-logreg")
     with pytest.raises(RecordError, match=r"a-logreg/model.joblib is not the model its head.json"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
     # the metrics of another cell copied in place are refused too
     fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
-    metrics = tmp_path / "metrics"
+    metrics = Layout(tmp_path).train_metrics
     shutil.copy(metrics / "knn" / "a-knn.json", metrics / "logreg" / "a-logreg.json")
     with pytest.raises(SelectError, match=r"a-logreg.json does not score the model"):
         run_select(tmp_path, ["a"], ["logreg", "knn"])
@@ -248,16 +225,8 @@ def test_a_replaced_model_file_is_refused_before_it_is_read(tmp_path):
 def test_heads_trained_with_other_params_are_refused(tmp_path):
     fake_cell(tmp_path, "a", "logreg", 0.9, 0.9)
     with pytest.raises(RecordError, match=r"stale: it was made with params.logreg.C=1.0.*0.5"):
-        select(
-            TrainConfig(layers=["a"], heads=["logreg"], logreg={"C": 0.5}),
-            SelectConfig(),
-            FINGERPRINT,
-            tmp_path / "metrics",
-            tmp_path / "heads",
-            tmp_path / "reports",
-            tmp_path / "best.json",
-            tmp_path / "select.json",
-        )
+        cfg = TrainConfig(layers=["a"], heads=["logreg"], logreg={"C": 0.5})
+        select(cfg, SelectConfig(), FINGERPRINT, Layout(tmp_path))
 
 
 @pytest.fixture
@@ -265,7 +234,7 @@ def trained(tmp_path, monkeypatch):
     """Two real logreg cells on synthetic features, then select: a project dir as DVC leaves it."""
     monkeypatch.chdir(tmp_path)
     write_features(
-        "features", {"a": 16, "b": 64}, {"train": 200, "val": 80, "test": 90}, n_classes=3, seed=2
+        ".", {"a": 16, "b": 64}, {"train": 200, "val": 80, "test": 90}, n_classes=3, seed=2
     )
     cfg = TrainConfig(layers=["a", "b"], heads=["logreg", "knn"])
     for layer in cfg.layers:
@@ -282,9 +251,7 @@ def run_evaluate():
 def test_evaluate_scores_the_best_frozen_head_and_writes_plots(trained):
     best = json.loads((trained / "models" / "best.json").read_text())
     result = run_evaluate()
-    cell_metrics = json.loads(
-        paths.cell_metrics(trained / "metrics" / "train", best["layer"], best["head"]).read_text()
-    )
+    cell_metrics = json.loads(Layout(trained).cell_metrics(best["layer"], best["head"]).read_text())
     assert result == json.loads((trained / "metrics" / "test.json").read_text())
     assert "finetuned" not in result
     assert result["frozen"]["cell"] == best["cell"] and result["frozen"]["n_test"] == 90
@@ -335,7 +302,7 @@ def test_evaluate_puts_the_finetuned_model_beside_the_frozen_head(trained):
 def test_evaluate_refuses_features_the_head_was_not_trained_on(trained):
     shutil.rmtree(trained / "features")
     write_features(
-        "features", {"a": 16, "b": 64}, {"train": 200, "val": 80, "test": 90}, n_classes=3, seed=3
+        ".", {"a": 16, "b": 64}, {"train": 200, "val": 80, "test": 90}, n_classes=3, seed=3
     )
     with pytest.raises(RecordError, match="chosen among heads trained on other features"):
         run_evaluate()

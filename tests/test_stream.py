@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.stream import Budget, run_stream
+from pipeline.features.stream import Budget, run_stream
 
 BATCH, ROWS = 4, 100  # 25 batches
 

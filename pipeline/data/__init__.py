@@ -1,0 +1,1 @@
+"""Image sources, their splits, decoding, and the prepared data on disk."""
