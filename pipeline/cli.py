@@ -132,7 +132,7 @@ def layer_rows(spec, model, size: int) -> list[tuple[str, ...]]:
 def layers(name: str, image_size: int | None) -> None:
     """Every layer of `name` at `image_size`: output shape, width under each reduction, and
     which are block ends (*) or taken by `extract.layers: auto`."""
-    from pipeline.backbones.keras_apps import build
+    from pipeline.backbones.keras_apps import build_unweighted
 
     spec = get_backbone(name)
     top = spec.facts.top_side
@@ -140,7 +140,7 @@ def layers(name: str, image_size: int | None) -> None:
     problem = spec.layer_problem(size, {})
     if problem:
         raise InputError(problem)
-    rows = layer_rows(spec, build(spec.row.constructor, None, size == top, size), size)
+    rows = layer_rows(spec, build_unweighted(spec.row.constructor, size == top, size), size)
     _table([("layer", "output", "none", "avg", "grid2", ""), *rows])
     note = "" if size == top else f"; its classification top needs {top} px"
     print(

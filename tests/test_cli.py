@@ -124,6 +124,11 @@ def test_backbones_and_layers_list_what_params_accept():
     assert re.search(r"^block5_pool\s+1x1x512\s+512\s+512\s+2048\s+auto$", layers, re.M)
     assert re.search(r"^block4_pool\s+2x2x512\s+2048\s+512\s+2048\s+\*$", layers, re.M)
     assert "fc2" not in layers  # the top needs 224 px
+    convnext = layerwise("layers", "convnext_tiny", "--image-size", "32").stdout
+    assert re.search(r"^add_5\s+4x4x192\s+3072\s+192\s+768\s+auto$", convnext, re.M)  # a sum
+    assert re.search(r"^add_2\s+8x8x96\s+6144\s+96\s+384\s+\*$", convnext, re.M)
+    line = one_line_error(layerwise("layers", "vgg61", check=False))
+    assert "unknown backbone 'vgg61'; did you mean vgg19, vgg16" in line
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

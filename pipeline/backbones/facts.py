@@ -2,7 +2,7 @@
 and the operations between them; without the classification top, and of the top alone), the
 top's input side and the parameter counts.
 
-Derived by building the model once with random weights, and cached per Keras version (a JSON
+Derived by building the model once (without drawing weights), and cached per Keras version (a JSON
 file per backbone under $LAYERWISE_CACHE, by default ~/.cache/layerwise), so that checking
 params and listing backbones build nothing the second time.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.backbones.keras_apps import build, taps
+from pipeline.backbones.keras_apps import build_unweighted, taps
 
 FORMAT = 1
 CACHE_VARIABLE = "LAYERWISE_CACHE"
@@ -50,17 +50,17 @@ def _shapes(model) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def derive(constructor: str, top_side: int | None = None) -> LayerFacts:
-    """Build the backbone without and with its top (random weights) and read the facts.
+    """Build the backbone without and with its top (no weights) and read the facts.
     `top_side`: for constructors whose top takes any input side (its default is then used)."""
     import keras
 
-    top = build(constructor, None, True, None)
+    top = build_unweighted(constructor, True, None)
     side = top.inputs[0].shape[1] or top_side
     if top.inputs[0].shape[1] is None:
-        top = build(constructor, None, True, side)
+        top = build_unweighted(constructor, True, side)
     top_facts, top_params = _shapes(top), top.count_params()
     del top
-    base = build(constructor, None, False, side)
+    base = build_unweighted(constructor, False, side)
     base_facts = _shapes(base)
     names = {name for name, _ in base_facts}
     return LayerFacts(

@@ -7,6 +7,7 @@ Keras is imported lazily so that reading params does not pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -39,6 +40,28 @@ def build(constructor: str, weights: str | None, include_top: bool, side: int | 
         return getattr(keras.applications, constructor)(
             weights=weights, include_top=include_top, input_shape=shape
         )
+
+
+@contextlib.contextmanager
+def unweighted():
+    """Models built inside get no weights at all: every variable is left uninitialized, so that
+    only names, shapes and parameter counts can be read. Five to ten times faster: most of a
+    build's time is spent drawing random weights."""
+    import keras
+    from keras.src.backend.common import global_state
+
+    pending = global_state.get_global_attribute("uninitialized_variables", [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:  # forget these variables, or the next stateless scope would initialize them
+        global_state.set_global_attribute("uninitialized_variables", list(pending))
+
+
+def build_unweighted(constructor: str, include_top: bool, side: int | None):
+    """`build` inside `unweighted`: names, shapes and parameter counts only."""
+    with unweighted():
+        return build(constructor, None, include_top, side)
 
 
 def taps(model) -> dict:
