@@ -40,6 +40,25 @@ os.environ.setdefault("LAYERWISE_CACHE", str(REPO / ".cache" / "layer-facts"))
 if str(REPO) not in sys.path:  # the package need not be installed to run the tests
     sys.path.insert(0, str(REPO))
 
+# The files that take minutes, longest first. Workers get whole files in this order
+# (pyproject: --dist loadfile --no-loadscope-reorder), so that none starts a long one last.
+LONGEST_FIRST = [
+    "test_every_backbone.py",
+    "test_pipeline_dvc.py",
+    "test_reuse_dvc.py",
+    "test_engines.py",
+    "test_families_dvc.py",
+    "test_cli.py",
+    "test_provenance.py",
+    "test_backends.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 SMALL_PARAMS = {
     "data": {
         "source": "digits",

@@ -32,36 +32,6 @@ def test_the_registry_holds_every_keras_applications_constructor():
     assert len(ROWS) == len(BACKBONE_NAMES) == 40
 
 
-@pytest.fixture(scope="module")
-def every_backbone() -> dict[str, dict]:
-    """every_backbone.extract_auto of each row, on two worker processes (largest first)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from every_backbone import extract_auto
-
-    order = list(
-        reversed(BACKBONE_NAMES)
-    )  # the largest families first: the workers finish together
-    context = multiprocessing.get_context("spawn")  # a fresh Keras in each worker
-    with ProcessPoolExecutor(2, mp_context=context) as pool:
-        return dict(zip(order, pool.map(extract_auto, order)))
-
-
-@pytest.mark.parametrize("name", BACKBONE_NAMES)
-def test_every_backbone_extracts_its_auto_layers_as_layerwise_layers_reports(name, every_backbone):
-    """Built with random weights at its smallest input side, each auto layer (the last block
-    end at output strides 8, 16, 32, where the side allows) comes out averaged to the width
-    `layerwise layers` reports for it."""
-    got = every_backbone[name]
-    assert got["used"] == "random" and got["finite"]
-    assert got["layers"] and set(got["layers"].values()) == {"avg"}
-    for layer, shape in zip(got["layers"], got["shapes"]):
-        _, output, _, avg, _, mark = got["reported"][layer]
-        assert shape == [2, int(avg)] and mark == "auto", (layer, output)
-        assert int(output.split("x")[-1]) == int(avg)  # avg: one value per channel
-
-
 # Where the rule lands for architectures whose tap points the literature names (timm's
 # feature_info; the Keras guides for VGG): at each output stride, the last block end.
 AUTO_LAYERS = {

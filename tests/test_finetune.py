@@ -315,6 +315,41 @@ def test_training_changes_only_unfrozen_layers_and_keeps_bn_statistics(world):
     ]
 
 
+def test_convnext_fine_tunes_from_a_residual_sum(world):
+    """ConvNeXt's block ends are `add` operations, not layers: the assembly taps add_14,
+    computes the extract stage's features before training, and one epoch trains the top of the
+    trunk only."""
+    import keras
+
+    from pipeline.features.extractor import build_extractor
+    from pipeline.finetuning.assembly import assemble
+    from pipeline.finetuning.conversion import linear_head, linear_head_weights
+    from pipeline.finetuning.recipe import image_batches
+
+    layer = "add_14"
+    raw = {
+        **RAW,
+        "backbone": {"name": "convnext_tiny", "weights": "random"},
+        "extract": {**RAW["extract"], "layers": {layer: "avg"}},
+        "train": {"layers": [layer], "heads": ["logreg"]},
+    }
+    _, record = check(raw)
+    images, labels = world["data"]["train"]
+    extractor, _ = build_extractor(record)
+    features = np.asarray(extractor(images))  # one layer: one output
+    head = linear_head(*linear_head_weights(scaled(LogisticRegression()).fit(features, labels), 10))
+    backbone, _ = load_backbone(record, [layer])
+    assembly = assemble(backbone, record, layer, "avg", head, None, augment=False)
+    reduced, _ = assembly.probe(images)
+    np.testing.assert_allclose(np.asarray(reduced), features, rtol=1e-4, atol=1e-4)
+
+    before = [w.numpy().copy() for w in assembly.trunk.weights]
+    assembly.model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    assembly.model.fit(image_batches(images, labels, 16, shuffle=True), epochs=1, verbose=0)
+    moved = [not np.array_equal(a, w.numpy()) for a, w in zip(before, assembly.trunk.weights)]
+    assert assembly.trainable_layers and any(moved) and not moved[0]  # the stem stays
+
+
 def test_unknown_unfreeze_layer_lists_valid_ones(world):
     from pipeline.finetuning.conversion import FinetuneError
 
