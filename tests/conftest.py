@@ -18,6 +18,7 @@ whole suite runs on a 2-core CPU without internet.
 from __future__ import annotations
 
 import copy
+import csv
 import os
 import re
 import runpy
@@ -114,6 +115,14 @@ def with_params(base: dict, sections: dict, replace: dict | None = None) -> dict
             node = node.setdefault(part, {})
         node[last] = copy.deepcopy(value)
     return params
+
+
+def leaderboard(root: Path) -> list[dict]:
+    """The rows of the project's reports/leaderboard.csv, as select wrote them."""
+    from pipeline.project.layout import Layout
+
+    with Layout(root).leaderboard_csv.open() as f:
+        return list(csv.DictReader(f))
 
 
 class Project:

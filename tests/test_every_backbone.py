@@ -16,9 +16,7 @@ def every_backbone() -> dict[str, dict]:
 
     from every_backbone import extract_auto
 
-    order = list(
-        reversed(BACKBONE_NAMES)
-    )  # the largest families first: the workers finish together
+    order = list(reversed(BACKBONE_NAMES))  # the largest families first: both end together
     context = multiprocessing.get_context("spawn")  # a fresh Keras in each worker
     with ProcessPoolExecutor(2, mp_context=context) as pool:
         return dict(zip(order, pool.map(extract_auto, order)))

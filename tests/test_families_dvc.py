@@ -5,12 +5,11 @@ on them. (ConvNeXt's fine-tuning from an operation: tests/test_finetune.py.)"""
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 
 import yaml
-from conftest import dvc_repo, ran, sh
+from conftest import dvc_repo, leaderboard, ran, sh
 
 from pipeline.backbones.registry import get_backbone
 
@@ -33,8 +32,7 @@ def test_the_newer_families_run_end_to_end_through_dvc_repro(tmp_path):
         output = sh(root, sys.executable, "-m", "dvc", "repro")
         assert {"extract", "train@logreg", "select", "evaluate"} <= ran(output), output
         assert ("prepare" in ran(output)) == (i == 0), output
-        with (root / "reports" / "leaderboard.csv").open() as f:
-            ranked = {row["layer"] for row in csv.DictReader(f)}
+        ranked = {row["layer"] for row in leaderboard(root)}
         assert ranked == set(get_backbone(name).auto(32))
         test = json.loads((root / "metrics" / "test.json").read_text())
         assert test["backbone"] == name and test["frozen"]["test_accuracy"] > 0.1, test

@@ -3,25 +3,19 @@
 Assertions read DVC's own output: which stages ran, which were skipped or restored.
 """
 
-import csv
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dvc_repo, ran, restored, sh
+from conftest import dvc_repo, leaderboard, ran, restored, sh
 
 from pipeline.project.layout import Layout
 
 LAYERS = ["block2_pool", "block5_pool"]  # VGG16's `extract.layers: auto` at 32 px
 HEADS = ["logreg", "knn"]
 TRAINED = {f"train@{head}" for head in HEADS}
-
-
-def leaderboard(project: Path) -> list[dict]:
-    with (project / "reports" / "leaderboard.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import leaderboard
 from synthetic import synthetic_fingerprint, write_features
 
 from pipeline.heads.saved import expected_head
@@ -75,11 +76,6 @@ def fake_cell(
 def run_select(root, layers, heads, metric="val_accuracy"):
     cfg = TrainConfig(layers=layers, heads=heads)
     return select(cfg, SelectConfig(metric=metric), FINGERPRINT, Layout(root))
-
-
-def leaderboard(root):
-    with Layout(root).leaderboard_csv.open() as f:
-        return list(csv.DictReader(f))
 
 
 def test_leaderboard_rows_are_the_current_layers_x_heads(tmp_path):
