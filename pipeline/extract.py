@@ -3,10 +3,6 @@
 import functools
 
 from pipeline.data.decoding import decode_workers
-from pipeline.features.extractor import build_extractor
-from pipeline.features.forward import distribute_over_devices
-from pipeline.features.job import extract_all, versions
-from pipeline.features.precision import use_precision
 from pipeline.project.layout import Layout
 from pipeline.project.params import load_params
 from pipeline.project.provenance import current_prepared, expected_features, scanned_backbone
@@ -20,6 +16,12 @@ def main(_) -> None:
     prepared = current_prepared(params, layout)
     backbone = scanned_backbone(params, layout)
     expected = expected_features(params, prepared, layout)
+    # Keras after the checks above, so that a stale or missing input is reported in a moment
+    from pipeline.features.extractor import build_extractor
+    from pipeline.features.forward import distribute_over_devices
+    from pipeline.features.job import extract_all, versions
+    from pipeline.features.precision import use_precision
+
     precision = use_precision(ex.precision)
     devices = distribute_over_devices(ex.batch_size)
     model, weights_used = build_extractor(backbone)

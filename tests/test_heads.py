@@ -144,7 +144,7 @@ def test_a_layer_that_was_not_cached_is_refused(tmp_path, features):
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_cli_refuses_corrupt_features_with_a_clear_message(project, damage):
     for stage in ("scan", "prepare", "extract"):
-        project.run(stage)
+        project.main(stage)
     target = project.features / "val.h5"
     data = target.read_bytes()
     target.write_bytes(
