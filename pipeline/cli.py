@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.backbones.registry import BACKBONE_NAMES, get_backbone
 from pipeline.data.files import is_uri
-from pipeline.project.errors import InputError
+from pipeline.project.errors import BackboneError, InputError
 from pipeline.project.stage import TRACEBACK_VARIABLE, one_line_errors
 
 PACKAGE = Path(__file__).resolve().parent
@@ -72,13 +72,14 @@ def init(target: Path, images: str, backbone: str, image_size: int | None, weigh
 
 
 def backbones() -> None:
-    """Each backbone: default input side, minimum side, parameters, `auto` layers."""
+    """Each backbone: default input side, minimum side, patch size, parameters, `auto` layers."""
     from tqdm import tqdm
 
-    from pipeline.backbones.facts import cache_dir, cached
+    from pipeline.backbones.facts import cache_dir
+    from pipeline.backbones.registry import cached_facts
 
-    rows = [("backbone", "input", "min", "parameters (no top / top)", "extract.layers: auto")]
-    missing = sum(not cached(name) for name in BACKBONE_NAMES)
+    rows = [("backbone", "input", "min", "patch", "parameters", "extract.layers: auto")]
+    missing = sum(not cached_facts(name) for name in BACKBONE_NAMES)
     names = tqdm(
         BACKBONE_NAMES,
         desc=f"building {missing} backbones once for their layer facts ({cache_dir()})",
@@ -86,43 +87,53 @@ def backbones() -> None:
         leave=False,
         disable=not missing,
     )
+    absent = []
     for name in names:
-        b = get_backbone(name)
+        try:
+            b = get_backbone(name)
+        except BackboneError:  # a KerasHub row without keras-hub installed
+            absent.append(name)
+            continue
         base, top = b.facts.parameters
+        tokens = b.facts.tokens
         rows.append(
             (
                 name,
                 str(b.facts.top_side),
-                str(b.family.min_side),
-                f"{base / 1e6:.1f}M / {top / 1e6:.1f}M",
-                ", ".join(b.auto(b.facts.top_side)),
+                str(b.min_side),
+                str(tokens.patch_size) if tokens else "-",
+                f"{base / 1e6:.1f}M" + (f" / {top / 1e6:.1f}M" if top != base else ""),
+                ", ".join(f"{k}:{v}" if tokens else k for k, v in b.auto(b.facts.top_side).items()),
             )
         )
     _table(rows)
     print(
-        "\nauto at the input side shown; classification-top layers (VGG's fc2) only there. "
-        "`layerwise layers NAME` lists every layer with its shape."
+        "\nauto at the input side shown; classification-top layers (VGG's fc2) only there; "
+        "parameters without / with the classification top. `layerwise layers NAME` lists every "
+        "layer with its shape."
     )
+    if absent:
+        from pipeline.backbones.hub import EXTRA
+
+        print(f"{len(absent)} KerasHub backbones ({', '.join(absent[:3])}, ...) need: {EXTRA}")
 
 
 def layer_rows(spec, model, size: int) -> list[tuple[str, ...]]:
     """One row per tap of `model` (`spec` built at input side `size`): name, output shape,
     width under none, avg and grid2, and whether `auto` takes it or it ends a block (*)."""
-    from pipeline.backbones.keras_apps import taps
     from pipeline.features.reductions import reduced_width
 
     auto, ends = spec.auto(size), set(spec.block_ends())
     rows = []
-    for name, op in taps(model).items():
-        shape = tuple(op.output.shape[1:])
-        spatial = len(shape) == 3
+    for name, shape in spec.tap_shapes(model, size):
+        pools = len(shape) == 3 or (len(shape) == 2 and spec.facts.tokens is not None)
         rows.append(
             (
                 name,
                 "x".join(str(d) for d in shape),
                 str(reduced_width(shape, "none")),
-                str(reduced_width(shape, "avg")) if spatial else "-",
-                str(reduced_width(shape, "grid2")) if spatial else "-",
+                str(reduced_width(shape, "avg")) if pools else "-",
+                str(reduced_width(shape, "grid2")) if pools else "-",
                 "auto" if name in auto else "*" if name in ends else "",
             )
         )
@@ -132,17 +143,15 @@ def layer_rows(spec, model, size: int) -> list[tuple[str, ...]]:
 def layers(name: str, image_size: int | None) -> None:
     """Every layer of `name` at `image_size`: output shape, width under each reduction, and
     which are block ends (*) or taken by `extract.layers: auto`."""
-    from pipeline.backbones.keras_apps import build_unweighted
-
     spec = get_backbone(name)
     top = spec.facts.top_side
     size = image_size or top
     problem = spec.layer_problem(size, {})
     if problem:
         raise InputError(problem)
-    rows = layer_rows(spec, build_unweighted(spec.row.constructor, size == top, size), size)
+    rows = layer_rows(spec, spec.build_unweighted(size), size)
     _table([("layer", "output", "none", "avg", "grid2", ""), *rows])
-    note = "" if size == top else f"; its classification top needs {top} px"
+    note = "" if size == top or spec.facts.tokens else f"; its classification top needs {top} px"
     print(
         f"\n{name} at {size} px: {len(rows)} layers{note}. auto: taken by "
         "`extract.layers: auto`; *: other block ends. Widths are features per image."

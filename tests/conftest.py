@@ -50,6 +50,7 @@ LONGEST_FIRST = [
     "test_engines.py",
     "test_families_dvc.py",
     "test_cli.py",
+    "test_hub.py",
     "test_provenance.py",
     "test_backends.py",
 ]

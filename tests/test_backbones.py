@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import perturb_weights, relative_error, resolved, separate_layer_features
 
-from pipeline.backbones import facts
+from pipeline.backbones import facts, registry
 from pipeline.backbones.keras_apps import build, load_backbone, unweighted, weights_identity
-from pipeline.backbones.registry import BACKBONE_NAMES, ROWS, get_backbone
+from pipeline.backbones.registry import APPLICATION_NAMES, ROWS, get_backbone
 from pipeline.features.extractor import build_extractor
 from pipeline.project.errors import BackboneError
 
@@ -29,7 +29,7 @@ def test_the_registry_holds_every_keras_applications_constructor():
         if n[0].isupper() and callable(getattr(keras.applications, n))
     }
     assert {row.constructor for row in ROWS} == constructors
-    assert len(ROWS) == len(BACKBONE_NAMES) == 40
+    assert len(ROWS) == len(APPLICATION_NAMES) == 40
 
 
 # Where the rule lands for architectures whose tap points the literature names (timm's
@@ -92,7 +92,7 @@ def test_facts_are_cached_per_keras_version(tmp_path, monkeypatch):
     monkeypatch.setenv(facts.CACHE_VARIABLE, str(tmp_path))
     built = []
     real = facts.derive
-    monkeypatch.setattr(facts, "derive", lambda *a: built.append(a) or real(*a))
+    monkeypatch.setattr(registry, "derive", lambda *a: built.append(a) or real(*a))
     first = get_backbone("mobilenet").facts
     assert get_backbone("mobilenet").facts == first and len(built) == 1
     (cached,) = tmp_path.glob("keras-*/mobilenet.json")
@@ -102,6 +102,21 @@ def test_facts_are_cached_per_keras_version(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- checks scan makes
+
+
+def test_a_kerashub_backbone_without_keras_hub_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(distribution):
+        if distribution == "keras-hub":
+            raise importlib.metadata.PackageNotFoundError(distribution)
+        return real(distribution)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(BackboneError, match=r"need the keras-hub package.*layerwise\[hub\]"):
+        get_backbone("dinov2_small")
 
 
 def test_unknown_backbone_names_the_closest_rows():

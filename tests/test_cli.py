@@ -119,7 +119,13 @@ def test_dvc_sees_one_pipeline_in_a_repo_holding_the_package(tmp_path):
 
 def test_backbones_and_layers_list_what_params_accept():
     listing = layerwise("backbones").stdout
-    assert re.search(r"mobilenet_v2\s+224\s+32\s+2\.3M / 3\.5M\s+block_6_expand_relu", listing)
+    assert re.search(r"mobilenet_v2\s+224\s+32\s+-\s+2\.3M / 3\.5M\s+block_6_expand_relu", listing)
+    dinov2 = (
+        r"^dinov2_small\s+224\s+14\s+14\s+22\.2M\s+block3:cls_avg, block6:cls_avg, final:cls_avg$"
+    )
+    assert re.search(dinov2, listing, re.M)  # KerasHub: any multiple of the patch size
+    tokens = layerwise("layers", "dinov2_small", "--image-size", "28").stdout
+    assert re.search(r"^block6\s+5x384\s+1920\s+384\s+1536\s+auto$", tokens, re.M)  # 1 + 2x2
     layers = layerwise("layers", "vgg16", "--image-size", "32").stdout
     assert re.search(r"^block5_pool\s+1x1x512\s+512\s+512\s+2048\s+auto$", layers, re.M)
     assert re.search(r"^block4_pool\s+2x2x512\s+2048\s+512\s+2048\s+\*$", layers, re.M)

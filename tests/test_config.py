@@ -138,13 +138,22 @@ def test_a_stage_reads_its_own_sections_and_scan_checks_the_whole_file():
         # bad reduction: the layer and the accepted reductions are named
         (
             {"extract": {"layers": {"block5_pool": "sum"}}},
-            ["extract.layers", "'block5_pool'", "none, avg, max, grid1..grid9", "'sum'"],
+            [
+                "extract.layers",
+                "'block5_pool'",
+                "none, avg, max, cls, cls_avg, grid1..grid9",
+                "'sum'",
+            ],
         ),
         ({"extract": {"layers": {"block5_pool": "grid0"}}}, ["extract.layers", "'grid0'"]),
         # weights: neither a keyword nor an existing file
         (
             {"backbone": {"weights": "no/such/file.weights.h5"}},
-            ["backbone.weights", "'auto', 'imagenet', 'random'", "no/such/file.weights.h5"],
+            [
+                "backbone.weights",
+                "'auto', 'imagenet', 'preset', 'random'",
+                "no/such/file.weights.h5",
+            ],
         ),
         # val + test fractions must leave something to train on
         (

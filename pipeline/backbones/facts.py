@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.backbones.keras_apps import build_unweighted, taps
+from pipeline.project.records import TokenLayout
 
 FORMAT = 1
 CACHE_VARIABLE = "LAYERWISE_CACHE"
@@ -33,6 +35,7 @@ class LayerFacts(BaseModel):
     parameters: tuple[int, int]  # without and with the classification top
     base: list[tuple[str, tuple[int, ...]]]  # (tap, output shape at top_side), no top; in order
     top: list[tuple[str, tuple[int, ...]]]  # the top's own layers
+    tokens: TokenLayout | None = None  # a transformer's: its outputs are tokens x width
 
     def shape(self, layer: str) -> tuple[int, ...] | None:
         """`layer`'s output shape at the top's input side, or None if there is no such layer."""
@@ -45,8 +48,9 @@ def cache_dir() -> Path:
     return root / f"keras-{importlib.metadata.version('keras')}"
 
 
-def _shapes(model) -> list[tuple[str, tuple[int, ...]]]:
-    return [(name, tuple(int(d) for d in op.output.shape[1:])) for name, op in taps(model).items()]
+def shapes(points: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, output shape without the batch axis) of each of `points` (name -> operation)."""
+    return [(name, tuple(int(d) for d in op.output.shape[1:])) for name, op in points.items()]
 
 
 def derive(constructor: str, top_side: int | None = None) -> LayerFacts:
@@ -58,10 +62,10 @@ def derive(constructor: str, top_side: int | None = None) -> LayerFacts:
     side = top.inputs[0].shape[1] or top_side
     if top.inputs[0].shape[1] is None:
         top = build_unweighted(constructor, True, side)
-    top_facts, top_params = _shapes(top), top.count_params()
+    top_facts, top_params = shapes(taps(top)), top.count_params()
     del top
     base = build_unweighted(constructor, False, side)
-    base_facts = _shapes(base)
+    base_facts = shapes(taps(base))
     names = {name for name, _ in base_facts}
     return LayerFacts(
         format=FORMAT,
@@ -73,14 +77,14 @@ def derive(constructor: str, top_side: int | None = None) -> LayerFacts:
     )
 
 
-def cached(name: str) -> bool:
-    """Whether the facts of backbone `name` are in the cache already."""
-    return (cache_dir() / f"{name}.json").is_file()
+def cached(key: str) -> bool:
+    """Whether the facts under `key` (a backbone's name) are in the cache already."""
+    return (cache_dir() / f"{key}.json").is_file()
 
 
-def layer_facts(name: str, constructor: str, top_side: int | None = None) -> LayerFacts:
-    """The facts of backbone `name`, from the cache, or derived (and cached) on first use."""
-    path = cache_dir() / f"{name}.json"
+def layer_facts(key: str, make: Callable[[], LayerFacts]) -> LayerFacts:
+    """The facts under `key`, from the cache, or made by `make` (and cached) on first use."""
+    path = cache_dir() / f"{key}.json"
     if path.is_file():
         try:
             facts = LayerFacts.model_validate_json(path.read_text())
@@ -95,7 +99,7 @@ def layer_facts(name: str, constructor: str, top_side: int | None = None) -> Lay
                 return LayerFacts.model_validate_json(path.read_text())
             except ValidationError:
                 pass
-        facts = derive(constructor, top_side)
+        facts = make()
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(facts.model_dump_json())
         os.replace(tmp, path)

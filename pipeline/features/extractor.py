@@ -6,40 +6,62 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from pipeline.backbones.keras_apps import load_backbone, preprocess, tap
-from pipeline.features.reductions import bins, flat_width, grid_cells, reduced_width
+from pipeline.backbones.adapters import load_backbone
+from pipeline.backbones.keras_apps import preprocess, tap
+from pipeline.features.reductions import bins, flat_width, grid_cells, patch_grid, reduced_width
 from pipeline.project.records import BackboneRecord
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class Preprocess(keras.layers.Layer):
-    """uint8 images in, keras.applications.<module>.preprocess_input applied on the device."""
+    """uint8 images in, the backbone's own preprocessing applied on the device:
+    keras.applications.<module>.preprocess_input, or a KerasHub image converter's
+    `pixels * scale + offset` (per channel) when `scale` is given."""
 
-    def __init__(self, module: str, **kwargs):
+    def __init__(self, module: str, scale=None, offset=None, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.module = module
+        self.module, self.scale, self.offset = module, scale, offset
 
     def call(self, x):
-        return preprocess(self.module, ops.cast(x, "float32"))
+        x = ops.cast(x, "float32")
+        if self.scale is None:
+            return preprocess(self.module, x)
+        return x * ops.convert_to_tensor(self.scale) + ops.convert_to_tensor(self.offset)
 
     def get_config(self):
-        return {**super().get_config(), "module": self.module}
+        config = {"module": self.module, "scale": self.scale, "offset": self.offset}
+        return {**super().get_config(), **config}
+
+    @classmethod
+    def of(cls, backbone: BackboneRecord) -> Preprocess:
+        hub = backbone.hub
+        return cls(backbone.module, *((hub.scale, hub.offset) if hub else ()))
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class Reduce(keras.layers.Layer):
-    """A layer's output reduced as features.reductions says: none, avg, max or gridN."""
+    """A layer's output reduced as features.reductions says: none, avg, max, cls, cls_avg or
+    gridN. Token outputs (batch, tokens, width) have `prefix` tokens before their patches,
+    the class token first."""
 
-    def __init__(self, mode: str, **kwargs):
+    def __init__(self, mode: str, prefix: int = 0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.mode = mode
+        self.mode, self.prefix = mode, prefix
 
     def call(self, x):
         x = ops.cast(x, "float32")
         if len(x.shape) == 2 or self.mode == "none":
             return ops.reshape(x, (-1, flat_width(x.shape[1:])))
+        if len(x.shape) == 3:  # tokens: the patch tokens as a square map
+            cls = x[:, 0, :]
+            side = patch_grid(x.shape[1], self.prefix)
+            x = ops.reshape(x[:, self.prefix :, :], (-1, side, side, x.shape[-1]))
+            if self.mode == "cls":
+                return cls
+            if self.mode == "cls_avg":
+                return ops.concatenate([cls, ops.mean(x, axis=(1, 2))], axis=-1)
         if self.mode == "avg":
             return ops.mean(x, axis=(1, 2))
         if self.mode == "max":
@@ -53,7 +75,7 @@ class Reduce(keras.layers.Layer):
         return (input_shape[0], reduced_width(input_shape[1:], self.mode))
 
     def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+        return {**super().get_config(), "mode": self.mode, "prefix": self.prefix}
 
 
 def build_extractor(backbone: BackboneRecord):
@@ -62,20 +84,22 @@ def build_extractor(backbone: BackboneRecord):
     model, weights_used = load_backbone(backbone, list(backbone.layers))
     outputs = [tap(model, layer) for layer in backbone.layers]
     trunk = keras.Model(model.inputs, outputs)
-    images, reduced = reduced_features(backbone.module, trunk, backbone.layers)
+    images, reduced = reduced_features(backbone, trunk, backbone.layers)
     return keras.Model(images, reduced, name=f"{backbone.name}_extractor"), weights_used
 
 
-def reduced_features(module: str, trunk, layers: dict[str, str], augment=None):
+def reduced_features(backbone: BackboneRecord, trunk, layers: dict[str, str], augment=None):
     """uint8 images -> the backbone's preprocessing -> [augment] -> `trunk` (inference mode)
     -> each output reduced as `layers` says: (the images input, the reduced outputs)."""
     images = keras.Input(trunk.inputs[0].shape[1:], dtype="uint8", name="images")
-    x = Preprocess(module)(images)
+    x = Preprocess.of(backbone)(images)
     if augment is not None:
         x = augment(x)
     outputs = trunk(x, training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    prefix = backbone.hub.tokens.prefix if backbone.hub else 0
     reduced = [
-        Reduce(mode, name=f"{layer}_{mode}")(o) for (layer, mode), o in zip(layers.items(), outputs)
+        Reduce(mode, prefix, name=f"{layer}_{mode}")(o)
+        for (layer, mode), o in zip(layers.items(), outputs)
     ]
     return images, reduced

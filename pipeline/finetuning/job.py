@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backbones.keras_apps import load_backbone
+from pipeline.backbones.adapters import load_backbone
 from pipeline.data.decoding import decode_workers
 from pipeline.data.prepared import load_split
 from pipeline.features.precision import use_precision

@@ -71,13 +71,14 @@ def keep_best(initial: dict, patience: int, n_val: int):
 
 
 def layer_rates(assembly: Assembly, decay: float) -> dict[str, float]:
-    """Learning-rate multiplier per trainable backbone variable: 1 at the top layer, `decay` at
-    the lowest unfrozen one, geometric in between (the head gets 1)."""
-    layers = assembly.trainable_layers
+    """Learning-rate multiplier per trainable backbone variable: 1 at the top layer (or
+    transformer block), `decay` at the lowest unfrozen one, geometric in between (the head
+    gets 1)."""
+    layers, parts = assembly.trainable_layers, assembly.parts()
     rates = {}
     for i, name in enumerate(layers):
         share = decay ** ((len(layers) - 1 - i) / max(1, len(layers) - 1))
-        for variable in assembly.trunk.get_layer(name).trainable_weights:
+        for variable in (v for part in parts[name] for v in part.trainable_weights):
             rates[variable.path] = share
     return rates
 

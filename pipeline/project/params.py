@@ -29,7 +29,7 @@ from pipeline.project.errors import InputError
 
 # Layer names become output paths (models/heads/<head>/<layer>-<head>): one plain component.
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-WEIGHTS_KEYWORDS = ("auto", "imagenet", "random")
+WEIGHTS_KEYWORDS = ("auto", "imagenet", "preset", "random")
 
 
 class ConfigError(InputError, ValueError):
@@ -53,12 +53,13 @@ LayerName = Annotated[str, AfterValidator(_layer_name)]
 
 
 def weights_problem(weights: str) -> str | None:
-    """Why `backbone.weights` names neither a keyword nor an existing file, or None."""
-    if weights in WEIGHTS_KEYWORDS or Path(weights).is_file():
+    """Why `backbone.weights` names neither a keyword nor an existing file or folder, or None."""
+    if weights in WEIGHTS_KEYWORDS or Path(weights).exists():
         return None
     return (
-        f"weights must be 'auto', 'imagenet', 'random' or the path of a weights file; "
-        f"got {weights!r}, which is none of these and no such file exists"
+        f"weights must be 'auto', 'imagenet', 'preset', 'random', the path of a weights file or "
+        f"of a KerasHub preset folder; got {weights!r}, which is none of these and no such "
+        "file or folder exists"
     )
 
 

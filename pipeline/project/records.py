@@ -85,6 +85,30 @@ class SourceRecord(Record):
     files_sha256: str
 
 
+class TokenLayout(Record):
+    """A transformer's token outputs: `prefix` tokens (the class token first, if it has one,
+    then its registers) before the patch tokens, one per `patch_size` square of the image."""
+
+    prefix: int
+    class_token: bool
+    patch_size: int
+
+
+class HubSpec(Record):
+    """How the KerasHub adapter builds a backbone: keras_hub.models.<cls> from `preset` (a Kaggle
+    handle with its version, or a local folder) or, for random weights, from `arguments`."""
+
+    cls: str
+    keras_hub: str  # the installed version, which builds it (another one re-runs extract)
+    preset: str | None  # None: random weights, built from `arguments`
+    encoder: str | None  # the preset's attribute holding the image encoder (CLIP, SigLIP)
+    arguments: dict  # constructor arguments, image_shape left out
+    any_side: bool  # position embeddings interpolate to any multiple of the patch size
+    scale: list[float]  # the preset's image converter: pixels (0..255) * scale + offset
+    offset: list[float]
+    tokens: TokenLayout
+
+
 class BackboneRecord(Record):
     """data/scan/backbone.json: the backbone asked for, resolved by scan from its registry row
     (backbones.registry) at data.image_size: everything the stages that build it need, and
@@ -93,9 +117,10 @@ class BackboneRecord(Record):
     name: str
     weights: str  # backbone.weights as asked
     identity: str  # what it resolves to: random | imagenet | auto:not-cached | file:sha256:...
-    family: Literal["keras.applications"]  # the adapter that builds it
+    family: Literal["keras.applications", "keras_hub"]  # the adapter that builds it
     module: str  # keras.applications.<module>: the constructor and its preprocess_input
     constructor: str
+    hub: HubSpec | None = None  # family keras_hub: what the adapter needs
     min_side: int  # the smallest input side it accepts without its top
     top_side: int  # the input side its classification top is made for
     image_size: int
