@@ -64,7 +64,7 @@ def test_rows_name_keras_hubs_own_presets_and_their_sizes():
         family = HUB_FAMILIES[row.family]
         two_towers = family.encoder is not None
         cls = family.cls.replace("VisionEncoder", "Backbone") if two_towers else family.cls
-        preset = getattr(keras_hub.models, cls).presets[row.handle.split("/")[-2]]
+        preset = getattr(keras_hub.models, cls).presets[row.preset]
         assert preset["kaggle_handle"] == row.handle
         ours, theirs = get_backbone(row.name).facts.parameters[0], preset["metadata"]["params"]
         if two_towers:  # the image and the text encoder
@@ -173,10 +173,10 @@ def test_a_named_preset_offline_is_one_line_saying_what_to_do(tmp_path):
     assert "set backbone.weights: DIR" in line
 
 
-def test_a_preset_folder_through_dvc_repro_and_a_changed_folder_re_extracts(tmp_path):
+def test_a_preset_folder_through_dvc_repro_re_extracts_when_changed_and_fine_tunes(tmp_path):
     """dvc repro on a tiny DINOv2 with registers (auto: a block and the final norm, class token
-    and patch mean): a leaderboard; the same folder again reruns nothing; fine-tuning trains its
-    top block; other weights in the folder re-extract."""
+    and patch mean): a leaderboard; the same folder again reruns nothing, other weights in it
+    re-extract; fine-tuning trains the top block."""
     folder = save_tiny("dinov2_reg_small", tmp_path / "dino")
     params = {
         "data": {"image_size": SIDE, "limit": 60},
@@ -191,6 +191,9 @@ def test_a_preset_folder_through_dvc_repro_and_a_changed_folder_re_extracts(tmp_
     record = json.loads((root / "data" / "scan" / "backbone.json").read_text())
     assert record["layers"] == {"block1": "cls_avg", "final": "cls_avg"}
     assert ran(dvc(root, "repro")) == {"scan"}
+    save_tiny("dinov2_reg_small", folder, seed=1)
+    output = dvc(root, "repro")
+    assert "extract" in ran(output) and "prepare" not in ran(output)
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "reproduced")
 
@@ -201,10 +204,6 @@ def test_a_preset_folder_through_dvc_repro_and_a_changed_folder_re_extracts(tmp_
     expected = {"block1": ("block1", 1), "final": ("block3", 2)}[layer]  # of 3 blocks: the top
     assert (report["unfreeze"], report["trainable_backbone_layers"]) == expected
     assert json.loads((root / "metrics" / "test.json").read_text())["finetuned"]["test_accuracy"]
-
-    save_tiny("dinov2_reg_small", folder, seed=1)
-    output = dvc(root, "repro")
-    assert "extract" in ran(output) and "prepare" not in ran(output)
 
 
 def test_fine_tuning_unfreezes_the_top_quarter_of_blocks_with_decayed_rates(presets):

@@ -317,77 +317,40 @@ SWIGLU = (("use_swiglu_ffn", True),)
 class HubRow(NamedTuple):
     name: str  # backbone.name in params.yaml
     family: str
-    handle: str  # the preset's Kaggle handle with its version, as KerasHub lists it
+    preset: str  # KerasHub's name for it
+    version: int  # of its Kaggle handle, as KerasHub lists it
     size: str  # a key of VIT_SIZES
     patch: int
-    side: int  # the input side its weights were made for
     registers: int = 0
     extra: tuple[tuple[str, object], ...] = ()  # constructor arguments of this preset only
+    side: int = 224  # the input side its weights were made for
 
-
-def _kaggle(family: str, preset: str, version: int) -> str:
-    return f"kaggle://keras/{family}/keras/{preset}/{version}"
+    @property
+    def handle(self) -> str:
+        return f"kaggle://keras/{self.family}/keras/{self.preset}/{self.version}"
 
 
 HUB_ROWS = [
-    HubRow("dinov2_small", "dinov2", _kaggle("dinov2", "dinov2_small", 1), "S", 14, 224),
-    HubRow("dinov2_base", "dinov2", _kaggle("dinov2", "dinov2_base", 1), "B", 14, 224),
-    HubRow("dinov2_large", "dinov2", _kaggle("dinov2", "dinov2_large", 1), "L", 14, 224),
-    HubRow("dinov2_giant", "dinov2", _kaggle("dinov2", "dinov2_giant", 1), "g", 14, 224, 0, SWIGLU),
-    *(
-        HubRow(
-            f"dinov2_reg_{size}",
-            "dinov2",
-            _kaggle("dinov2", f"dinov2_with_registers_{size}", 1),
-            key,
-            14,
-            224,
-            4,
-            SWIGLU if key == "g" else (),
-        )
-        for size, key in (("small", "S"), ("base", "B"), ("large", "L"), ("giant", "g"))
-    ),
-    *(
-        HubRow(
-            f"dinov3_{size}",
-            "dinov3",
-            _kaggle("dinov3", f"dinov3_vit_{size}_lvd1689m", 1),
-            key,
-            16,
-            224,
-            4,
-        )
-        for size, key in (("small", "S"), ("base", "B"), ("large", "L"))
-    ),
-    HubRow("vit_base_16", "vit", _kaggle("vit", "vit_base_patch16_224_imagenet", 4), "B", 16, 224),
-    HubRow(
-        "vit_large_16", "vit", _kaggle("vit", "vit_large_patch16_224_imagenet", 4), "L", 16, 224
-    ),
-    HubRow(
-        "vit_base_16_in21k",
-        "vit",
-        _kaggle("vit", "vit_base_patch16_224_imagenet21k", 3),
-        "B",
-        16,
-        224,
-    ),
-    HubRow("clip_base_16", "clip", _kaggle("clip", "clip_vit_base_patch16", 3), "B", 16, 224),
-    HubRow("clip_base_32", "clip", _kaggle("clip", "clip_vit_base_patch32", 3), "B", 32, 224),
-    HubRow("clip_large_14", "clip", _kaggle("clip", "clip_vit_large_patch14", 3), "L", 14, 224),
-    HubRow(
-        "siglip_base_16", "siglip", _kaggle("siglip", "siglip_base_patch16_224", 1), "B", 16, 224
-    ),
-    HubRow(
-        "siglip_so400m_14",
-        "siglip",
-        _kaggle("siglip", "siglip_so400m_patch14_224", 1),
-        "so400m",
-        14,
-        224,
-    ),
-    HubRow(
-        "siglip2_base_16", "siglip", _kaggle("siglip", "siglip2_base_patch16_224", 1), "B", 16, 224
-    ),
+    HubRow("dinov2_small", "dinov2", "dinov2_small", 1, "S", 14),
+    HubRow("dinov2_base", "dinov2", "dinov2_base", 1, "B", 14),
+    HubRow("dinov2_large", "dinov2", "dinov2_large", 1, "L", 14),
+    HubRow("dinov2_giant", "dinov2", "dinov2_giant", 1, "g", 14, 0, SWIGLU),
+    HubRow("dinov2_reg_small", "dinov2", "dinov2_with_registers_small", 1, "S", 14, 4),
+    HubRow("dinov2_reg_base", "dinov2", "dinov2_with_registers_base", 1, "B", 14, 4),
+    HubRow("dinov2_reg_large", "dinov2", "dinov2_with_registers_large", 1, "L", 14, 4),
+    HubRow("dinov2_reg_giant", "dinov2", "dinov2_with_registers_giant", 1, "g", 14, 4, SWIGLU),
+    HubRow("dinov3_small", "dinov3", "dinov3_vit_small_lvd1689m", 1, "S", 16, 4),
+    HubRow("dinov3_base", "dinov3", "dinov3_vit_base_lvd1689m", 1, "B", 16, 4),
+    HubRow("dinov3_large", "dinov3", "dinov3_vit_large_lvd1689m", 1, "L", 16, 4),
+    HubRow("vit_base_16", "vit", "vit_base_patch16_224_imagenet", 4, "B", 16),
+    HubRow("vit_large_16", "vit", "vit_large_patch16_224_imagenet", 4, "L", 16),
+    HubRow("vit_base_16_in21k", "vit", "vit_base_patch16_224_imagenet21k", 3, "B", 16),
+    HubRow("clip_base_16", "clip", "clip_vit_base_patch16", 3, "B", 16),
+    HubRow("clip_base_32", "clip", "clip_vit_base_patch32", 3, "B", 32),
+    HubRow("clip_large_14", "clip", "clip_vit_large_patch14", 3, "L", 14),
+    HubRow("siglip_base_16", "siglip", "siglip_base_patch16_224", 1, "B", 16),
+    HubRow("siglip_so400m_14", "siglip", "siglip_so400m_patch14_224", 1, "so400m", 14),
+    HubRow("siglip2_base_16", "siglip", "siglip2_base_patch16_224", 1, "B", 16),
 ]
 
 
