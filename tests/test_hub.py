@@ -16,7 +16,8 @@ from conftest import dvc, dvc_repo, leaderboard, ran, sh
 keras_hub = pytest.importorskip("keras_hub")
 
 from pipeline.backbones.hub import tap_points_of  # noqa: E402
-from pipeline.backbones.registry import HUB_FAMILIES, HUB_ROWS, get_backbone  # noqa: E402
+from pipeline.backbones.hub_rows import HUB_FAMILIES, HUB_ROWS  # noqa: E402
+from pipeline.backbones.registry import get_backbone  # noqa: E402
 from pipeline.features.extractor import build_extractor  # noqa: E402
 from pipeline.project.errors import BackboneError  # noqa: E402
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pydantic import ConfigDict
 
-from pipeline.backbones.registry import closest, get_backbone
+from pipeline.backbones.registry import get_backbone
 from pipeline.finetuning.params import FinetuneConfig
-from pipeline.project.errors import InputError
+from pipeline.project.errors import InputError, closest
 from pipeline.project.params import ConfigError, Shared, read_params, validate
 from pipeline.project.records import BackboneRecord
 from pipeline.selection.params import SelectConfig, TrainConfig

@@ -1,5 +1,13 @@
 """The one base class of errors the user can fix: bad params, data, weights or stale artefacts."""
 
+import difflib
+
+
+def closest(name: str, names) -> str:
+    """`; did you mean a, b?` for the valid names closest to a mistyped one, else ''."""
+    near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(near)}?" if near else ""
+
 
 class InputError(Exception):
     """What was wrong, what is accepted and what to run; stages print it as one line."""
