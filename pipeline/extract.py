@@ -25,10 +25,9 @@ def main(_) -> None:
     precision = use_precision(ex.precision)
     devices = distribute_over_devices(ex.batch_size)
     model, weights_used = build_extractor(backbone)
-    if backbone.identity.startswith("file:") and weights_used != backbone.identity:
+    if backbone.identity.startswith(("file:", "folder:")) and weights_used != backbone.identity:
         raise RecordError(
-            f"backbone.weights file {backbone.weights} changed after `scan` read it: run "
-            "`dvc repro`"
+            f"backbone.weights {backbone.weights} changed after `scan` read it: run `dvc repro`"
         )
     print(
         f"backbone {backbone.name}, weights: {weights_used}, layers: {backbone.layers}, "

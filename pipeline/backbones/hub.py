@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from pipeline.project.errors import BackboneError
-from pipeline.project.records import BackboneRecord, HubSpec, TokenLayout
+from pipeline.project.records import BackboneRecord, HubSpec, TokenLayout, file_sha256
 
 EXTRA = "pip install 'layerwise[hub]'"
 
@@ -32,13 +32,10 @@ def keras_hub():
 
 
 def folder_digest(folder: str | Path) -> str:
-    """sha256 over the names and bytes of every file in a preset folder."""
+    """sha256 over the name and sha256 of every file in a preset folder."""
     h = hashlib.sha256()
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        h.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\0".encode())
     return h.hexdigest()
 
 
@@ -211,13 +208,10 @@ def load_backbone(backbone: BackboneRecord, layers: list[str]):
             print(f"backbone.weights=auto: {exc}; using random weights")
             keras.utils.set_random_seed(0)
             model, used = build(spec, side, weights=False), "random"
-    else:
-        model, used = build(spec, side), backbone.identity
-        if used.startswith("folder:") and used != f"folder:sha256:{folder_digest(spec.preset)}":
-            raise BackboneError(
-                f"backbone.weights folder {spec.preset} changed after `scan` read it: run "
-                "`dvc repro`"
-            )
+    else:  # a folder's identity is what it holds now (extract compares it with scan's)
+        model = build(spec, side)
+        folder = Path(spec.preset).is_dir()
+        used = f"folder:sha256:{folder_digest(spec.preset)}" if folder else backbone.identity
     have = tap_points_of(model)
     missing = [layer for layer in layers if layer not in have]
     if missing:

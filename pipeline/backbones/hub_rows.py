@@ -112,10 +112,6 @@ class HubBackbone:
         return self.row.name
 
     @property
-    def top_names(self) -> set[str]:
-        return set()
-
-    @property
     def min_side(self) -> int:
         return self.spec.tokens.patch_size if self.spec.any_side else self.facts.top_side
 
@@ -184,7 +180,7 @@ class HubBackbone:
         problem = self.layer_problem(size, layers)
         if problem:
             raise BackboneError(problem)
-        spec = self.spec if weights != "random" else replace_spec(self.spec, preset=None)
+        spec = self.spec if weights != "random" else self.spec.model_copy(update={"preset": None})
         return BackboneRecord(
             name=self.name,
             weights=weights,
@@ -215,23 +211,19 @@ class HubBackbone:
             vision = arguments.get(self.family.encoder, {}).get("config", {})
             arguments, side = vision, int(vision.get("image_shape", (side,))[0])
         scale, offset = (image["scale"], image["offset"]) if image else normalization(self.family)
-        spec = HubSpec(
-            **{
-                **self.spec.model_dump(),
+        arguments = hub.encoder_arguments(arguments)
+        spec = self.spec.model_copy(
+            update={
                 "preset": str(Path(folder).resolve()),
-                "arguments": hub.encoder_arguments(arguments),
+                "arguments": arguments,
                 "scale": _channels(scale),
                 "offset": _channels(offset),
-                "tokens": tokens_of(self.family, hub.encoder_arguments(arguments)),
+                "tokens": tokens_of(self.family, arguments),
             }
         )
         key = f"hub-folder-{canonical_digest(spec.arguments)[:16]}-{side}"
         facts = layer_facts(hub_key(key), lambda: hub_facts(spec, side))
         return HubBackbone(self.row, self.family, spec, facts)
-
-
-def replace_spec(spec: HubSpec, **changes) -> HubSpec:
-    return HubSpec(**{**spec.model_dump(), **changes})
 
 
 def _channels(value) -> list[float]:
