@@ -257,3 +257,15 @@ def test_fine_tuning_unfreezes_the_top_quarter_of_blocks_with_decayed_rates(pres
         FinetuneError, match="unknown block 'block9'.*stem, block1, block2, block3, final"
     ):
         assemble(backbone, record, "final", "cls_avg", head, "block9", augment=False)
+
+
+def test_a_folder_changed_after_scan_loads_under_its_new_identity(tmp_path):
+    """extract compares the identity the adapter reports with scan's and refuses a difference."""
+    from pipeline.backbones.adapters import load_backbone
+
+    folder = save_tiny("dinov2_reg_small", tmp_path / "dino")
+    record = get_backbone("dinov2_reg_small").record(str(folder), SIDE, "auto")
+    assert load_backbone(record, list(record.layers))[1] == record.identity
+    save_tiny("dinov2_reg_small", folder, seed=1)
+    used = load_backbone(record, list(record.layers))[1]
+    assert used.startswith("folder:sha256:") and used != record.identity
