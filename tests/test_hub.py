@@ -15,7 +15,7 @@ from conftest import dvc, dvc_repo, leaderboard, ran, sh
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from pipeline.backbones.hub import tap_points_of  # noqa: E402
+from pipeline.backbones.hub import tap_points_of, tapped  # noqa: E402
 from pipeline.backbones.hub_rows import HUB_FAMILIES, HUB_ROWS  # noqa: E402
 from pipeline.backbones.registry import get_backbone  # noqa: E402
 from pipeline.features.extractor import build_extractor  # noqa: E402
@@ -269,3 +269,91 @@ def test_a_folder_changed_after_scan_loads_under_its_new_identity(tmp_path):
     save_tiny("dinov2_reg_small", folder, seed=1)
     used = load_backbone(record, list(record.layers))[1]
     assert used.startswith("folder:sha256:") and used != record.identity
+
+
+def copied_kaggle_cache(root: Path, handle: str, scale: list[float], offset: list[float]):
+    """A KerasHub preset placed where kagglehub caches `handle` (as a copy of a machine's
+    ~/.cache/kagglehub would be), with each file marked complete as a download marks it: a tiny
+    DINOv2 and an image converter of `scale` and `offset`. Returns its folder."""
+    from kagglehub.cache import _get_completion_marker_filepath, get_cached_path
+    from kagglehub.handle import parse_model_handle
+
+    parsed = parse_model_handle(handle.removeprefix("kaggle://"))
+    folder = Path(get_cached_path(parsed))
+    save_tiny("dinov2_reg_small", folder)
+    converter = keras_hub.layers.ImageConverter(image_size=(SIDE, SIDE), scale=scale, offset=offset)
+    converter.save_to_preset(str(folder))
+    for file in folder.iterdir():
+        marker = Path(_get_completion_marker_filepath(parsed, file.name))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return folder
+
+
+def test_a_named_preset_is_checked_against_its_own_image_converter(tmp_path, monkeypatch):
+    """The real from_preset(handle) path, from a copied kagglehub cache with no network: the
+    preset's converter equal to the family's normalization loads under the handle's identity;
+    another one is a line saying how to use it as a folder (whose converter scan records)."""
+    from pipeline.backbones.adapters import load_backbone
+
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    record = get_backbone("dinov2_small").record("preset", 28, {"block1": "avg", "final": "cls"})
+    handle = record.hub.preset
+    copied_kaggle_cache(tmp_path, handle, record.hub.scale, record.hub.offset)
+    model, used = load_backbone(record, list(record.layers))
+    assert used == record.identity == f"preset:{handle}"
+    assert list(tap_points_of(model))[:2] == ["stem", "block1"]
+
+    folder = copied_kaggle_cache(tmp_path, handle, [1 / 127.5] * 3, [-1.0] * 3)
+    with pytest.raises(BackboneError, match=r"normalizes images by scale \[0.007843.*set backbone"):
+        load_backbone(record, list(record.layers))
+    record = get_backbone("dinov2_small").record(str(folder), 28, {"block1": "avg"})
+    assert (record.hub.scale, record.hub.offset) == ([1 / 127.5] * 3, [-1.0] * 3)
+    assert load_backbone(record, ["block1"])[1] == record.identity
+
+
+@pytest.mark.parametrize("name", ["clip_base_16", "siglip_base_16"])
+def test_a_two_tower_preset_folder_gives_its_image_encoder(name, tmp_path):
+    """A CLIP or SigLIP preset holds both towers: scan reads the vision encoder's arguments out
+    of the pair's config, extract loads the pair and taps its vision encoder alone."""
+    import keras
+
+    cls, arguments = ENCODERS[name]
+    keras.utils.set_random_seed(0)
+    vision = getattr(keras_hub.models, cls)(**TINY, **arguments, image_shape=(SIDE, SIDE, 3))
+    text = getattr(keras_hub.models, cls.replace("Vision", "Text"))(
+        vocabulary_size=50,
+        embedding_dim=8,
+        hidden_dim=8,
+        num_layers=1,
+        num_heads=2,
+        intermediate_dim=16,
+    )
+    pair = cls.replace("VisionEncoder", "Backbone")
+    extra = {"projection_dim": 8} if pair == "CLIPBackbone" else {}
+    getattr(keras_hub.models, pair)(vision, text, **extra).save_to_preset(str(tmp_path / "pair"))
+
+    layers = {"block1": "avg", "block3": "cls_avg", "final": "cls"}
+    if name.startswith("siglip"):
+        layers = {"block1": "avg", "block3": "avg", "pooled": "none"}
+    record = get_backbone(name).record(str(tmp_path / "pair"), SIDE, layers)
+    assert record.hub.arguments["num_layers"] == 3 and record.hub.arguments["hidden_dim"] == 16
+    extractor, used = build_extractor(record)
+    assert used == record.identity
+    images = np.random.default_rng(0).integers(0, 256, (2, SIDE, SIDE, 3), dtype=np.uint8)
+    x = images.astype("float32") * np.array(record.hub.scale) + np.array(record.hub.offset)
+    tower = tapped(vision)  # the saved tower's own weights
+    tokens = dict(zip(tap_points_of(tower), (np.asarray(t) for t in tower(x))))
+    got = dict(zip(layers, (np.asarray(o) for o in extractor(images))))
+    prefix = record.hub.tokens.prefix
+    for layer, reduction in layers.items():
+        t = tokens[layer]
+        patches = t[:, prefix:].mean(1)
+        want = {
+            "avg": patches,
+            "cls": t[:, 0],
+            "cls_avg": np.concatenate([t[:, 0], patches], -1),
+            "none": t.reshape(2, -1),
+        }[reduction]
+        np.testing.assert_allclose(got[layer], want, atol=1e-5, err_msg=layer)

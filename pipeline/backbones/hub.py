@@ -56,6 +56,39 @@ def folder_config(folder: str | Path) -> tuple[str, dict, dict | None]:
     return cls, arguments, image
 
 
+def channels(value, default: float) -> list[float]:
+    """An image converter's scale or offset as one number per channel (None: `default`)."""
+    if value is None:
+        value = default
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
+
+
+def check_converter(spec: HubSpec) -> None:
+    """A downloaded preset's image converter must be the normalization scan recorded (its
+    family's); else one line saying how to use the preset as a folder, whose converter scan
+    reads. A preset without a converter keeps the family's."""
+    try:
+        converter = keras_hub().layers.ImageConverter.from_preset(spec.preset)
+    except FileNotFoundError:
+        return
+    scale, offset = channels(converter.scale, 1.0), channels(converter.offset, 0.0)
+    if not (_close(scale, spec.scale) and _close(offset, spec.offset)):
+        raise BackboneError(
+            f"the KerasHub preset {spec.preset} normalizes images by scale {_short(scale)}, "
+            f"offset {_short(offset)}, not the {_short(spec.scale)}, {_short(spec.offset)} "
+            "of its family: save it as a folder (keras_hub.models.Backbone.from_preset(...)"
+            ".save_to_preset(DIR), and its ImageConverter's) and set backbone.weights: DIR"
+        )
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
+def _short(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
 def encoder_arguments(arguments: dict) -> dict:
     """Constructor arguments without those every Keras layer has and the input shape."""
     drop = {"name", "trainable", "dtype", "image_shape", "data_format"}
@@ -208,10 +241,15 @@ def load_backbone(backbone: BackboneRecord, layers: list[str]):
             print(f"backbone.weights=auto: {exc}; using random weights")
             keras.utils.set_random_seed(0)
             model, used = build(spec, side, weights=False), "random"
+        else:
+            check_converter(spec)
     else:  # a folder's identity is what it holds now (extract compares it with scan's)
         model = build(spec, side)
-        folder = Path(spec.preset).is_dir()
-        used = f"folder:sha256:{folder_digest(spec.preset)}" if folder else backbone.identity
+        if Path(spec.preset).is_dir():
+            used = f"folder:sha256:{folder_digest(spec.preset)}"
+        else:
+            check_converter(spec)
+            used = backbone.identity
     have = tap_points_of(model)
     missing = [layer for layer in layers if layer not in have]
     if missing:

@@ -210,24 +210,22 @@ class HubBackbone:
         if self.family.encoder and cls != self.family.cls:  # a two-tower preset: the encoder's
             vision = arguments.get(self.family.encoder, {}).get("config", {})
             arguments, side = vision, int(vision.get("image_shape", (side,))[0])
-        scale, offset = (image["scale"], image["offset"]) if image else normalization(self.family)
+        scale, offset = normalization(self.family)
+        if image:
+            scale, offset = hub.channels(image["scale"], 1.0), hub.channels(image["offset"], 0.0)
         arguments = hub.encoder_arguments(arguments)
         spec = self.spec.model_copy(
             update={
                 "preset": str(Path(folder).resolve()),
                 "arguments": arguments,
-                "scale": _channels(scale),
-                "offset": _channels(offset),
+                "scale": scale,
+                "offset": offset,
                 "tokens": tokens_of(self.family, arguments),
             }
         )
         key = f"hub-folder-{canonical_digest(spec.arguments)[:16]}-{side}"
         facts = layer_facts(hub_key(key), lambda: hub_facts(spec, side))
         return HubBackbone(self.row, self.family, spec, facts)
-
-
-def _channels(value) -> list[float]:
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
 
 
 def normalization(family: HubFamily) -> tuple[list[float], list[float]]:

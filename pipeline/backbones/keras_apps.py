@@ -50,12 +50,12 @@ def unweighted():
     import keras
     from keras.src.backend.common import global_state
 
-    pending = global_state.get_global_attribute("uninitialized_variables", [])
+    pending = list(global_state.get_global_attribute("uninitialized_variables") or [])
     try:
         with keras.StatelessScope(initialize_variables=False):
             yield
     finally:  # forget these variables, or the next stateless scope would initialize them
-        global_state.set_global_attribute("uninitialized_variables", list(pending))
+        global_state.set_global_attribute("uninitialized_variables", pending)
 
 
 def build_unweighted(constructor: str, include_top: bool, side: int | None):
