@@ -322,3 +322,18 @@ def test_scan_knows_whether_keras_has_imagenet_weights_cached(offline, monkeypat
     weights.write_bytes(b"some weights")
     digest = hashlib.sha256(b"some weights").hexdigest()
     assert weights_identity(str(weights), "vgg16") == f"file:sha256:{digest}"
+
+
+def test_unweighted_builds_leave_no_variables_for_keras_to_initialize_later():
+    """The variables of a build without weights are forgotten: kept, Keras would draw them all
+    at the next build (6 GB after deriving every row's facts)."""
+    from keras.src.backend.common import global_state
+
+    def pending() -> int:
+        return len(global_state.get_global_attribute("uninitialized_variables") or [])
+
+    before = pending()
+    for _ in range(2):  # the second finds the list the first left behind
+        with unweighted():
+            build("MobileNetV3Small", None, False, 32)
+        assert pending() == before
