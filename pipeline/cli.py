@@ -1,5 +1,6 @@
-"""`layerwise`: start a project on your own images, list backbones and their layers, and show
-a project's results. The stages themselves run under `dvc repro`."""
+"""`layerwise`: start a project on your own images, list backbones and their layers, show a
+project's results and run its exported classifier on new images. The stages themselves run
+under `dvc repro`."""
 
 from __future__ import annotations
 
@@ -178,6 +179,18 @@ def show(root: Path) -> None:
                 )
 
 
+def predict(paths: list[str], project: Path, out: Path | None, batch_size: int) -> None:
+    """Rows of the exported classifier's predictions; a summary on stderr."""
+    from pipeline.winner.predict import predict_files
+
+    r = predict_files(paths, project, out, batch_size)
+    print(
+        f"predicted {r['images']} images ({r['per_second']:.1f} images/s), "
+        f"{r['failed']} could not be read" + (f"; rows in {out}" if out else ""),
+        file=sys.stderr,
+    )
+
+
 def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -211,6 +224,11 @@ def parser() -> argparse.ArgumentParser:
     la.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
     s = sub.add_parser("show", help="the leaderboard and test metrics of a project")
     s.add_argument("dir", type=Path, nargs="?", default=Path("."))
+    pr = sub.add_parser("predict", help="the project's exported classifier on image files")
+    pr.add_argument("paths", nargs="+", help="image files, folders (recursively) or globs")
+    pr.add_argument("--project", type=Path, default=Path("."), help="the project (default: .)")
+    pr.add_argument("--out", type=Path, help="a .csv or .jsonl file (default: CSV on stdout)")
+    pr.add_argument("--batch-size", type=int, default=32)
     return p
 
 
@@ -223,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             backbones()
         elif args.command == "layers":
             layers(args.name, args.image_size)
+        elif args.command == "predict":
+            predict(args.paths, args.project, args.out, args.batch_size)
         else:
             show(args.dir)
 

@@ -15,7 +15,7 @@ import yaml
 from conftest import dvc, dvc_repo, ran, subprocess_env
 from PIL import Image
 
-STAGES = ("scan", "prepare", "extract", "train", "select", "finetune", "evaluate")
+STAGES = ("scan", "prepare", "extract", "train", "select", "finetune", "evaluate", "export")
 NOISE = re.compile(r"absl|cuInit|cuda|oneDNN|cpu_feature_guard|^[IWE]0000 ", re.I | re.M)
 LAYERWISE = Path(sys.executable).parent / "layerwise"  # the console script pyproject declares
 

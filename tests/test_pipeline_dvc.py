@@ -132,6 +132,7 @@ def test_finetune_enabled_reports_frozen_and_finetuned_side_by_side(project, rep
     test = json.loads((project / "metrics" / "test.json").read_text())
     report = json.loads((project / "metrics" / "finetune.json").read_text())
     assert test["finetuned"]["test_accuracy"] == report["test_accuracy"] > 0.5
+    n_test = test["frozen"]["n_test"]
     if report["best_epoch"]:  # an epoch beat the start on validation: refit like the head
         assert report["kept"] == f"epoch {report['best_epoch']}, refit on train+val"
     else:  # none did: the head it started from is kept, the frozen best unless a fallback
@@ -139,3 +140,10 @@ def test_finetune_enabled_reports_frozen_and_finetuned_side_by_side(project, rep
         if report["fallback"] is None:  # float32 Dense vs scikit-learn: one image at most
             n = test["frozen"]["n_test"]
             assert abs(report["test_accuracy"] - test["frozen"]["test_accuracy"]) <= 1 / n
+    card = json.loads((project / "models" / "export" / "card.json").read_text())
+    assert "export" in ran(output)
+    if report["best_epoch"]:  # the fine-tuned model is the winner, scored as evaluate did
+        assert card["source"] == "fine-tuned" and card["cell"] == report["started_from"]
+        assert card["test"]["accuracy"] == pytest.approx(report["test_accuracy"], abs=1 / n_test)
+    else:
+        assert card["source"] == "frozen" and "fine-tuning kept its starting head" in card["why"]

@@ -4,6 +4,7 @@ every requested layer reduced; the serializable Keras layers it is made of, on a
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from pipeline.backbones.adapters import load_backbone
@@ -51,31 +52,53 @@ class Reduce(keras.layers.Layer):
         self.mode, self.prefix = mode, prefix
 
     def call(self, x):
-        x = ops.cast(x, "float32")
-        if len(x.shape) == 2 or self.mode == "none":
-            return ops.reshape(x, (-1, flat_width(x.shape[1:])))
-        if len(x.shape) == 3:  # tokens: the patch tokens as a square map
-            cls = x[:, 0, :]
-            side = patch_grid(x.shape[1], self.prefix)
-            x = ops.reshape(x[:, self.prefix :, :], (-1, side, side, x.shape[-1]))
-            if self.mode == "cls":
-                return cls
-            if self.mode == "cls_avg":
-                return ops.concatenate([cls, ops.mean(x, axis=(1, 2))], axis=-1)
-        if self.mode == "avg":
-            return ops.mean(x, axis=(1, 2))
-        if self.mode == "max":
-            return ops.max(x, axis=(1, 2))
-        n = grid_cells(self.mode)
-        rows, cols = bins(x.shape[1], n), bins(x.shape[2], n)
-        cells = [ops.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)) for r0, r1 in rows for c0, c1 in cols]
-        return ops.concatenate(cells, axis=-1)
+        return reduce_output(x, self.mode, self.prefix)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], reduced_width(input_shape[1:], self.mode))
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode, "prefix": self.prefix}
+
+
+def reduce_output(x, mode: str, prefix: int = 0):
+    """`x` (a map, tokens with `prefix` tokens before the patches, or a vector) reduced as
+    features.reductions says, in float32; keras.ops alone, so that a model built with it
+    needs no custom layer (the exported classifier)."""
+    x = ops.cast(x, "float32")
+    if len(x.shape) == 2 or mode == "none":
+        return ops.reshape(x, (-1, flat_width(x.shape[1:])))
+    if len(x.shape) == 3:  # tokens: the patch tokens as a square map
+        cls = x[:, 0, :]
+        side = patch_grid(x.shape[1], prefix)
+        x = ops.reshape(x[:, prefix:, :], (-1, side, side, x.shape[-1]))
+        if mode == "cls":
+            return cls
+        if mode == "cls_avg":
+            return ops.concatenate([cls, ops.mean(x, axis=(1, 2))], axis=-1)
+    if mode == "avg":
+        return ops.mean(x, axis=(1, 2))
+    if mode == "max":
+        return ops.max(x, axis=(1, 2))
+    n = grid_cells(mode)
+    rows, cols = bins(x.shape[1], n), bins(x.shape[2], n)
+    cells = [ops.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)) for r0, r1 in rows for c0, c1 in cols]
+    return ops.concatenate(cells, axis=-1)
+
+
+def preprocess_affine(backbone: BackboneRecord):
+    """(kernel (3, 3), bias (3,)): the backbone's preprocessing as the affine map of a pixel's
+    channels it is (RGB->BGR flips, means, scales), read off `Preprocess` at probe pixels and
+    checked at random ones; a Dense layer holds it without custom code."""
+    layer = Preprocess.of(backbone)
+    probes = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], "float32") * 255.0
+    out = np.asarray(layer(probes.reshape(1, 2, 2, 3))).reshape(4, 3).astype("float64")
+    bias, kernel = out[0], (out[1:] - out[0]) / 255.0
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype("float32")
+    got = np.asarray(layer(pixels)).astype("float64")
+    if not np.allclose(pixels @ kernel + bias, got, rtol=1e-5, atol=1e-4):
+        raise ValueError(f"{backbone.name}'s preprocessing is not an affine map of the channels")
+    return kernel.astype("float32"), bias.astype("float32")
 
 
 def build_extractor(backbone: BackboneRecord):

@@ -170,7 +170,7 @@ def choose_head(
             fallback = (
                 f"the best head {skipped[0]} cannot be expressed in Keras"
                 + (f", nor can {', '.join(skipped[1:])}" if skipped[1:] else "")
-                + f"; fine-tuning started from {entry.cell}, ranked #{rank} by {metric}"
+                + f"; the best that can is {entry.cell}, ranked #{rank} by {metric}"
                 + f" ({getattr(entry, metric):.4f})"
             )
         return StartingHead(spec, model, predict, fallback, entry.val_accuracy)

@@ -177,3 +177,26 @@ class Layout:
     @property
     def layers_png(self) -> Path:
         return self.plots / "layers.png"
+
+    # ------------------------------------------------------------ export: the winner, usable
+    @property
+    def export(self) -> Path:
+        return self.root / "models" / "export"
+
+    @property
+    def classifier(self) -> Path:
+        """The winner as one Keras model: raw RGB images in, class probabilities out."""
+        return self.export / "classifier.keras"
+
+    @property
+    def card(self) -> Path:
+        return self.export / "card.json"
+
+    @property
+    def errors_csv(self) -> Path:
+        """The winner's mistakes on the test split, most confident first."""
+        return self.root / "reports" / "errors.csv"
+
+    @property
+    def mistakes_png(self) -> Path:
+        return self.plots / "mistakes.png"

@@ -258,3 +258,41 @@ class BestChoice(Record):
     selection_note: str  # which selection the ranking used and why
     tie_break: str | None  # how a tie at the top was broken (selection.leaderboard.TIE_RULE)
     ranking: list[RankedCell]
+
+
+class ClassScores(Record):
+    name: str
+    precision: float
+    recall: float
+    support: int  # test images of this class
+
+
+class SplitReport(Record):
+    """One model's scores on a split (the test split): the same for frozen and fine-tuned models."""
+
+    accuracy: float
+    accuracy_ci95: tuple[float, float]
+    macro_f1: float
+    n: int
+    per_class: list[ClassScores]
+    confusion: list[list[int]]  # rows: true class, columns: predicted, in class_names order
+
+
+class ClassifierCard(Record):
+    """models/export/card.json: what the exported classifier is, how to feed it, how it did."""
+
+    model: str  # the Keras file beside this card
+    needs: list[str]  # modules to import before keras.saving.load_model (keras_hub), or none
+    input: str
+    class_names: list[str]  # the order of the model's probabilities
+    image_side: int
+    interpolation: str  # prepare's resizing (PIL), which `layerwise predict` applies too
+    backbone: str
+    weights: str  # the backbone weights' identity
+    layer: str
+    reduction: str
+    head: str
+    cell: str
+    source: Literal["fine-tuned", "frozen"]
+    why: str  # why this model is the one exported
+    test: SplitReport

@@ -45,3 +45,29 @@ def score(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> Scores:
         macro_f1=round(float(f1), 6),
         n=n,
     )
+
+
+def split_report(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]):
+    """`score` with each class's precision, recall and support, and the confusion matrix."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from pipeline.project.records import ClassScores, SplitReport
+
+    k = len(class_names)
+    s = score(labels, predicted, k)
+    p, r, _, support = precision_recall_fscore_support(
+        labels, predicted, labels=np.arange(k), zero_division=0
+    )
+    return SplitReport(
+        accuracy=s.accuracy,
+        accuracy_ci95=s.accuracy_ci95,
+        macro_f1=s.macro_f1,
+        n=s.n,
+        per_class=[
+            ClassScores(
+                name=c, precision=round(float(pi), 6), recall=round(float(ri), 6), support=int(n)
+            )
+            for c, pi, ri, n in zip(class_names, p, r, support)
+        ],
+        confusion=confusion_matrix(labels, predicted, labels=np.arange(k)).tolist(),
+    )
