@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -142,8 +143,6 @@ def test_scan_refuses_sides_reductions_and_layers_it_cannot_give(presets):
 
 def test_a_named_preset_offline_is_one_line_saying_what_to_do(tmp_path):
     """The real download path: KerasHub asks Kaggle for the handle, which cannot answer."""
-    import subprocess
-
     code = (
         "from pipeline.backbones.registry import get_backbone\n"
         "from pipeline.backbones.adapters import load_backbone\n"
@@ -192,6 +191,18 @@ def test_a_preset_folder_through_dvc_repro_re_extracts_when_changed_and_fine_tun
     record = json.loads((root / "data" / "scan" / "backbone.json").read_text())
     assert record["layers"] == {"block1": "cls_avg", "final": "cls_avg"}
     assert ran(dvc(root, "repro")) == {"scan"}
+    card = json.loads((root / "models" / "export" / "card.json").read_text())
+    assert card["needs"] == ["keras_hub"] and card["layer"] in ("block1", "final")
+    code = (  # the exported classifier after the one import its card names
+        "import sys, numpy as np, keras, keras_hub\n"
+        "m = keras.saving.load_model('models/export/classifier.keras')\n"
+        "x = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3)).astype('uint8')\n"
+        "print(np.asarray(m.predict(x, verbose=0)).shape, any(k.split('.')[0] == 'pipeline' for k in sys.modules))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.split("\n")[-2] == "(2, 10) False"
     save_tiny("dinov2_reg_small", folder, seed=1)
     output = dvc(root, "repro")
     assert "extract" in ran(output) and "prepare" not in ran(output)
