@@ -159,24 +159,78 @@ def layers(name: str, image_size: int | None) -> None:
     )
 
 
-def show(root: Path) -> None:
-    """The leaderboard and the test metrics of the project in `root`."""
-    from pipeline.project.layout import Layout
+WIDTH = 100  # `layerwise show` fits this many columns unless --wide
 
-    board, test = Layout(root).leaderboard_md, Layout(root).test_metrics
+
+def show(root: Path, wide: bool = False) -> None:
+    """The leaderboard, the test metrics and the exported winner of the project in `root`, in
+    100 columns (`wide`: the whole leaderboard.md)."""
+    import csv
+    import textwrap
+
+    from pipeline.project.layout import Layout
+    from pipeline.project.records import short
+
+    layout = Layout(root)
+    board = layout.leaderboard_md
     if not board.is_file():
         raise InputError(f"{board} not found: run `dvc repro` in {root} first")
-    print(board.read_text())
-    if test.is_file():
-        result = json.loads(test.read_text())
+    if wide:
+        print(board.read_text())
+    else:
+        with layout.leaderboard_csv.open(newline="") as f:
+            ranked = list(csv.DictReader(f))
+        top = ranked[0]
+        estimate = f"cv{top['cv_folds']}" if top["selection"] == "cv" else "val"
+        print(
+            f"{top['backbone']} ({short(top['weights'])} weights): {len(ranked)} cells, ranked "
+            f"by {estimate} accuracy (test: for reference only)\n"
+        )
+        rows = [("#", "cell", "est", "val acc", "95% interval", "test acc", "fit s")]
+        for r in ranked:
+            low, high = (float(v) for v in r["val_accuracy_ci95"].strip("()[]").split(","))
+            cell = r["cell"] if len(r["cell"]) <= 40 else r["cell"][:39] + "\u2026"
+            est = f"cv{r['cv_folds']}" if r["selection"] == "cv" else "val"
+            rows.append(
+                (
+                    r["rank"],
+                    cell,
+                    est,
+                    f"{float(r['val_accuracy']):.4f}",
+                    f"[{low:.3f}, {high:.3f}]",
+                    f"{float(r['test_accuracy']):.4f}",
+                    f"{float(r['fit_seconds']):.2f}",
+                )
+            )
+        _table(rows)
+        print()
+    lines = []
+    if not wide and layout.select_metrics.is_file():
+        tie = json.loads(layout.select_metrics.read_text()).get("tie_break")
+        lines += [f"tie: {tie}"] if tie else []
+    if layout.test_metrics.is_file():
+        result = json.loads(layout.test_metrics.read_text())
         for name, m in result.items():
             if isinstance(m, dict) and "test_accuracy" in m:
                 low, high = m.get("test_accuracy_ci95") or (None, None)
                 ci = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
-                print(
+                where = m.get("cell") or f"from {m.get('started_from')}"
+                lines.append(
                     f"{name}: test accuracy {m['test_accuracy']:.4f}{ci}, macro-F1 "
-                    f"{m['test_macro_f1']:.4f}" + (f" ({m['cell']})" if "cell" in m else "")
+                    f"{m['test_macro_f1']:.4f} ({where})"
                 )
+    if layout.card.is_file():
+        card = json.loads(layout.card.read_text())
+        lines.append(
+            f"exported: {card['cell']} ({card['source']}), test accuracy "
+            f"{card['test']['accuracy']:.4f}, in {layout.classifier}: {card['why']}"
+        )
+        lines.append(
+            "`layerwise predict IMAGES...` runs it; mistakes: "
+            f"{layout.errors_csv}, {layout.mistakes_png}"
+        )
+    for line in lines:
+        print(textwrap.fill(line, WIDTH, subsequent_indent="  "))
 
 
 def predict(paths: list[str], project: Path, out: Path | None, batch_size: int) -> None:
@@ -224,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
     la.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
     s = sub.add_parser("show", help="the leaderboard and test metrics of a project")
     s.add_argument("dir", type=Path, nargs="?", default=Path("."))
+    s.add_argument("--wide", action="store_true", help="the whole leaderboard (wider lines)")
     pr = sub.add_parser("predict", help="the project's exported classifier on image files")
     pr.add_argument("paths", nargs="+", help="image files, folders (recursively) or globs")
     pr.add_argument("--project", type=Path, default=Path("."), help="the project (default: .)")
@@ -244,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "predict":
             predict(args.paths, args.project, args.out, args.batch_size)
         else:
-            show(args.dir)
+            show(args.dir, args.wide)
 
 
 if __name__ == "__main__":

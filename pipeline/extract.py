@@ -6,7 +6,7 @@ from pipeline.data.decoding import decode_workers
 from pipeline.project.layout import Layout
 from pipeline.project.params import load_params
 from pipeline.project.provenance import current_prepared, expected_features, scanned_backbone
-from pipeline.project.records import Fingerprint, RecordError
+from pipeline.project.records import Fingerprint, RecordError, short
 from pipeline.project.stage import run_stage
 
 
@@ -30,7 +30,7 @@ def main(_) -> None:
             f"backbone.weights {backbone.weights} changed after `scan` read it: run `dvc repro`"
         )
     print(
-        f"backbone {backbone.name}, weights: {weights_used}, layers: {backbone.layers}, "
+        f"backbone {backbone.name}, weights: {short(weights_used)}, layers: {backbone.layers}, "
         f"devices: {devices}, precision: {precision}"
     )
     fingerprint = Fingerprint(

@@ -81,6 +81,10 @@ def test_init_makes_a_project_that_dvc_repro_runs(initialised):
         assert cell in shown
     accuracy = float(re.search(r"frozen: test accuracy ([\d.]+)", shown).group(1))
     assert accuracy >= 0.75  # 8 test photos of two colours; chance is 0.5
+    assert max(len(line) for line in shown.splitlines()) <= 100
+    assert "exported: " in shown and "layerwise predict" in shown
+    wide = layerwise("show", str(project), "--wide").stdout
+    assert "| rank | cell | fit_path |" in wide
     assert (project / "plots" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert "dvc_plots" in (project / ".gitignore").read_text()
 

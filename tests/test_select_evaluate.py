@@ -272,27 +272,59 @@ def test_evaluate_scores_the_best_frozen_head_and_writes_plots(trained):
 
 
 def test_evaluate_puts_the_finetuned_model_beside_the_frozen_head(trained):
-    (trained / "metrics" / "finetune.json").write_text(
-        json.dumps(
-            {
-                "enabled": True,
-                "val_accuracy": 0.91,
-                "test_accuracy": 0.92,
-                "test_accuracy_ci95": [0.85, 0.96],
-                "test_macro_f1": 0.9,
-                "epochs": 3,
-            }
-        )
-    )
+    """The fine-tuned model's figures with its gains over the frozen baseline and over the head
+    it started from, and the same per-class test report as the frozen head's."""
+    best = json.loads((trained / "models" / "best.json").read_text())
+    classes = [c["name"] for c in run_evaluate_report(trained)]
+    status = {
+        "enabled": True,
+        "val_accuracy": 0.91,
+        "test_accuracy": 0.92,
+        "test_accuracy_ci95": [0.85, 0.96],
+        "test_macro_f1": 0.9,
+        "start_test_accuracy": 0.9,
+        "started_from": "other-cell",
+        "kept": "epoch 3",
+        "fallback": "the best head x cannot be expressed in Keras",
+        "test_report": {
+            "accuracy": 0.92,
+            "accuracy_ci95": [0.85, 0.96],
+            "macro_f1": 0.9,
+            "n": 90,
+            "per_class": [
+                {"name": c, "precision": 0.5, "recall": 0.25, "support": 30} for c in classes
+            ],
+            "confusion": [[0] * len(classes) for _ in classes],
+        },
+    }
+    status_file = trained / "models" / "finetuned" / "status.json"
+    status_file.parent.mkdir(parents=True, exist_ok=True)
+    status_file.write_text(json.dumps(status))
     result = run_evaluate()
+    frozen = result["frozen"]["test_accuracy"]
     assert result["finetuned"] == {
         "test_accuracy": 0.92,
         "test_accuracy_ci95": [0.85, 0.96],
         "test_macro_f1": 0.9,
         "val_accuracy": 0.91,
+        "started_from": "other-cell",
+        "kept": "epoch 3",
+        "gain_over_frozen": round(0.92 - frozen, 6),
+        "gain_over_start": round(0.92 - 0.9, 6),
+        "why_not_the_chosen_cell": "the best head x cannot be expressed in Keras",
     }
-    (trained / "metrics" / "finetune.json").write_text(json.dumps({"enabled": False}))
+    report = (trained / "reports" / "test.md").read_text()
+    assert f"## frozen: {best['cell']} (the chosen cell)" in report
+    assert "## fine-tuned from other-cell" in report and "| 0.500 | 0.250 | 30 |" in report
+    status_file.write_text(json.dumps({"enabled": False}))
     assert "finetuned" not in run_evaluate()
+
+
+def run_evaluate_report(root) -> list[dict]:
+    """The frozen head's per-class rows, as reports/test.md lists them."""
+    run_evaluate()
+    rows = (root / "reports" / "test.md").read_text().split("| class |")[1].splitlines()[2:]
+    return [{"name": r.split("|")[1].strip()} for r in rows if r.startswith("|")]
 
 
 def test_evaluate_refuses_features_the_head_was_not_trained_on(trained):

@@ -31,7 +31,7 @@ from pipeline.finetuning.params import FinetuneConfig, FinetuneParams
 from pipeline.finetuning.recipe import Stacked, fit, image_batches, refit
 from pipeline.project.layout import SPLITS, Layout
 from pipeline.project.provenance import current_prepared, expected_features, scanned_backbone
-from pipeline.project.records import BackboneRecord, BestChoice
+from pipeline.project.records import BackboneRecord, BestChoice, short
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -172,7 +172,7 @@ def finetune(params: FinetuneParams, layout: Layout = Layout()) -> dict:
     if assembly.note:
         print(f"NOTE: {assembly.note}")
     print(
-        f"fine-tuning {backbone.name} ({features.weights_used} weights) from {assembly.unfreeze} "
+        f"fine-tuning {backbone.name} ({short(features.weights_used)} weights) from {assembly.unfreeze} "
         f"up to {spec.layer} + head {spec.cell}; precision {precision}; trainable backbone "
         f"layers: {len(assembly.trainable_layers)}"
     )
@@ -188,10 +188,8 @@ def finetune(params: FinetuneParams, layout: Layout = Layout()) -> dict:
         backbone, saved, start, assembly, data, before, cfg
     )
     fit_seconds = time.perf_counter() - t0
-    after = {
-        s: _scores(data[s][1], predict(assembly.model, data[s][0], cfg.batch_size))
-        for s in ("val", "test")
-    }
+    probs = {s: predict(assembly.model, data[s][0], cfg.batch_size) for s in ("val", "test")}
+    after = {s: _scores(data[s][1], probs[s]) for s in probs}
     if val_before_refit:  # val is no estimate of a model trained on it
         after["val"] = val_before_refit
 
@@ -207,7 +205,7 @@ def finetune(params: FinetuneParams, layout: Layout = Layout()) -> dict:
         "layer": spec.layer,
         "head": spec.record.head,
         "backbone": backbone.name,
-        "weights": features.weights_used,
+        "weights": short(features.weights_used),
         "feature_width": int(assembly.probe.outputs[0].shape[-1]),
         "model_file": str(layout.finetuned_model),
         "n_train": len(data["train"][1]),
@@ -236,6 +234,15 @@ def finetune(params: FinetuneParams, layout: Layout = Layout()) -> dict:
         "precision": precision,
     }
     # the resolved config goes next to the model, not into the metrics `dvc exp show` lists
-    _write_json(layout.finetune_status, {**report, "config": cfg.model_dump()})
+    from pipeline.selection.scoring import split_report
+
+    test_report = split_report(data["test"][1], probs["test"].argmax(axis=1), prepared.class_names)
+    status = {
+        **report,
+        "weights": features.weights_used,  # the whole identity: export compares it
+        "config": cfg.model_dump(),
+        "test_report": test_report.model_dump(),
+    }
+    _write_json(layout.finetune_status, status)
     _write_json(layout.finetune_metrics, report)
     return report

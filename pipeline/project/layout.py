@@ -162,6 +162,11 @@ class Layout:
         return self.root / "metrics" / "test.json"
 
     @property
+    def test_report(self) -> Path:
+        """The frozen baseline's and the fine-tuned model's test reports, side by side."""
+        return self.root / "reports" / "test.md"
+
+    @property
     def plots(self) -> Path:
         return self.root / "plots"
 

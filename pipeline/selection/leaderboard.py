@@ -9,7 +9,14 @@ import json
 from pipeline.heads.registry import HEAD_NAMES, get_head
 from pipeline.heads.saved import expected_head, read_head, verify_model
 from pipeline.project.layout import Layout
-from pipeline.project.records import BestChoice, CellMetrics, Fingerprint, RankedCell, RecordError
+from pipeline.project.records import (
+    BestChoice,
+    CellMetrics,
+    Fingerprint,
+    RankedCell,
+    RecordError,
+    short,
+)
 from pipeline.selection.params import SelectConfig, TrainConfig
 
 COLUMNS = [
@@ -163,7 +170,7 @@ MARKDOWN = {  # column after `rank` -> how a row shows it
 def markdown(ranked: list[dict], metric: str) -> str:
     cols = ["rank", *MARKDOWN]
     lines = [
-        f"# Leaderboard ({ranked[0]['backbone']}, weights {ranked[0]['weights']})",
+        f"# Leaderboard ({ranked[0]['backbone']}, weights {short(ranked[0]['weights'])})",
         "",
         (
             f"Best by the selection estimate ({metric}): **{ranked[0]['cell']}**. Test columns "
@@ -211,7 +218,7 @@ def select(
     }
     brief = {
         "backbone": features.backbone["name"],
-        "weights": features.weights_used,
+        "weights": short(features.weights_used),
         "best_cell": top["cell"],
         "best_layer": top["layer"],
         "best_head": top["head"],

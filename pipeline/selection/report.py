@@ -11,10 +11,10 @@ from pipeline.heads.blocks import Plan
 from pipeline.heads.fit import predict
 from pipeline.heads.saved import expected_head, load_head, read_head
 from pipeline.project.layout import Layout
-from pipeline.project.records import BestChoice, RecordError
+from pipeline.project.records import BestChoice, RecordError, SplitReport, short
 from pipeline.selection.params import TrainConfig
 from pipeline.selection.plots import confusion_png, layer_chart, write_confusion
-from pipeline.selection.scoring import score
+from pipeline.selection.scoring import split_report
 
 
 def _method(best: BestChoice) -> str:
@@ -41,10 +41,10 @@ def evaluate(train: TrainConfig, expect: dict | None, layout: Layout = Layout())
     model = load_head(directory, info)
     plan = Plan.for_matrix(len(test.labels), test.widths[best.layer], train.max_memory_mb)
     predicted = predict(model, info.kind, test, best.layer, plan.block_rows)
-    s = score(test.labels, predicted, len(test.class_names))
+    s = split_report(test.labels, predicted, test.class_names)
     result = {
         "backbone": fp.backbone["name"],
-        "weights": fp.weights_used,
+        "weights": short(fp.weights_used),
         "frozen": {
             "cell": best.cell,
             "test_accuracy": s.accuracy,
@@ -56,11 +56,16 @@ def evaluate(train: TrainConfig, expect: dict | None, layout: Layout = Layout())
             "n_test": s.n,
         },
     }
-    report = layout.finetune_metrics
-    finetune = json.loads(report.read_text()) if report.is_file() else {}
+    status = layout.finetune_status
+    finetune = json.loads(status.read_text()) if status.is_file() else {}
+    reports = {f"frozen: {best.cell} (the chosen cell)": s}
     if finetune.get("enabled"):
-        keys = ("test_accuracy", "test_accuracy_ci95", "test_macro_f1", "val_accuracy")
-        result["finetuned"] = {k: finetune.get(k) for k in keys}
+        result["finetuned"] = _finetuned(finetune, best, s)
+        reports[f"fine-tuned from {finetune['started_from']}"] = SplitReport.model_validate(
+            finetune["test_report"]
+        )
+    layout.test_report.parent.mkdir(parents=True, exist_ok=True)
+    layout.test_report.write_text(report_markdown(reports, result.get("finetuned")))
     layout.test_metrics.parent.mkdir(parents=True, exist_ok=True)
     layout.test_metrics.write_text(json.dumps(result, indent=2) + "\n")
     for path in layout.confusion_csvs:
@@ -79,7 +84,59 @@ def evaluate(train: TrainConfig, expect: dict | None, layout: Layout = Layout())
         ranking,
         list(fp.layers),
         f"Accuracy by layer and head ({_method(best)}): {fp.backbone['name']} "
-        f"({fp.weights_used} weights); \u2605 selected",
+        f"({short(fp.weights_used)} weights); \u2605 selected",
         1.0 / len(test.class_names),
     )
     return result
+
+
+def _finetuned(finetune: dict, best: BestChoice, frozen: SplitReport) -> dict:
+    """The fine-tuned model's test figures, with its gain over the frozen baseline (the chosen
+    cell) and over the head it started from."""
+    out = {
+        k: finetune[k]
+        for k in ("test_accuracy", "test_accuracy_ci95", "test_macro_f1", "val_accuracy")
+    }
+    out.update(
+        started_from=finetune["started_from"],
+        kept=finetune["kept"],
+        gain_over_frozen=round(finetune["test_accuracy"] - frozen.accuracy, 6),
+        gain_over_start=round(finetune["test_accuracy"] - finetune["start_test_accuracy"], 6),
+    )
+    if finetune["started_from"] != best.cell:
+        out["why_not_the_chosen_cell"] = finetune["fallback"]
+    return out
+
+
+def report_markdown(reports: dict[str, SplitReport], finetuned: dict | None) -> str:
+    """reports/test.md: each model's test accuracy, macro-F1, per-class precision and recall."""
+    lines = ["# Test report", ""]
+    if finetuned:
+        lines += [
+            f"Fine-tuned: test accuracy {finetuned['gain_over_frozen']:+.4f} against the frozen "
+            f"baseline, {finetuned['gain_over_start']:+.4f} against the head it started from "
+            f"({finetuned['started_from']}, {finetuned['kept']}).",
+            *(
+                [f"Not the chosen cell: {finetuned['why_not_the_chosen_cell']}."]
+                if finetuned.get("why_not_the_chosen_cell")
+                else []
+            ),
+            "",
+        ]
+    for title, r in reports.items():
+        low, high = r.accuracy_ci95
+        lines += [
+            f"## {title}",
+            "",
+            f"Accuracy {r.accuracy:.4f} [{low:.3f}, {high:.3f}] on {r.n} images, macro-F1 "
+            f"{r.macro_f1:.4f}.",
+            "",
+            "| class | precision | recall | images |",
+            "|---|---:|---:|---:|",
+            *(
+                f"| {c.name} | {c.precision:.3f} | {c.recall:.3f} | {c.support} |"
+                for c in r.per_class
+            ),
+            "",
+        ]
+    return "\n".join(lines)
