@@ -17,7 +17,13 @@ from pipeline.finetuning.conversion import choose_head
 from pipeline.finetuning.params import FinetuneParams
 from pipeline.project.layout import Layout
 from pipeline.project.provenance import current_prepared, expected_features, scanned_backbone
-from pipeline.project.records import BackboneRecord, BestChoice, PreparedRecord, RecordError
+from pipeline.project.records import (
+    BackboneRecord,
+    BestChoice,
+    PreparedRecord,
+    RecordError,
+    short,
+)
 
 
 @dataclass
@@ -89,7 +95,12 @@ def choose_winner(params: FinetuneParams, layout: Layout = Layout()) -> Winner:
             storage_dtype=None,
         )
     start = choose_head(best, params.train, features, len(prepared.class_names), layout)
-    model, _ = load_backbone(backbone, [start.spec.layer])
+    model, used = load_backbone(backbone, [start.spec.layer])
+    if used != features.weights_used:
+        raise RecordError(
+            f"backbone.weights resolved to {short(used)}, the head {start.spec.cell} was trained "
+            f"on features of {short(features.weights_used)}: run `dvc repro`"
+        )
     from pipeline.backbones.keras_apps import tap
 
     layer = start.spec.layer
