@@ -43,7 +43,8 @@ class Winner:
 
 
 def _finetuned_status(params: FinetuneParams, layout: Layout, weights: str) -> dict | None:
-    """finetune's report when it ran for the current params and kept a trained epoch."""
+    """finetune's report when it ran, refused unless for the current params; `kept_start` set
+    when it kept its starting head."""
     if not params.finetune.enabled:
         return None
     status = (
