@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import dvc, dvc_repo, sh
 from PIL import Image
 
@@ -56,7 +57,7 @@ def test_the_exported_classifier_loads_in_plain_keras_and_takes_any_size(exporte
         "x = np.random.default_rng(0).integers(0, 256, (1, 45, 61, 3)).astype('uint8')\n"
         "p = np.asarray(m.predict(x, verbose=0))\n"
         "print(json.dumps({'shape': list(p.shape), 'sum': float(p.sum()),\n"
-        "                  'pipeline': sorted(k for k in sys.modules if k.startswith('pipeline'))}))\n"
+        "                  'pipeline': [k for k in sys.modules if k.startswith('pipeline')]}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=exported, capture_output=True, text=True, check=True
@@ -72,12 +73,7 @@ def test_predict_on_the_test_files_gives_evaluates_predictions_and_accuracy(expo
     """Rows in test order: the predicted classes are evaluate's (plots/confusion.csv), the
     accuracy from the CSV is metrics/test.json's; unreadable and missing files are rows with
     their reason; errors.csv lists exactly the wrong rows."""
-    params = exported / "params.yaml"
-    root = Path(
-        next(line for line in params.read_text().splitlines() if "path: " in line).split("path: ")[
-            1
-        ]
-    )
+    root = Path(yaml.safe_load((exported / "params.yaml").read_text())["data"]["path"])
     from pipeline.project.layout import Layout
     from pipeline.winner.mistakes import test_sources
 

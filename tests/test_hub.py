@@ -197,7 +197,8 @@ def test_a_preset_folder_through_dvc_repro_re_extracts_when_changed_and_fine_tun
         "import sys, numpy as np, keras, keras_hub\n"
         "m = keras.saving.load_model('models/export/classifier.keras')\n"
         "x = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3)).astype('uint8')\n"
-        "print(np.asarray(m.predict(x, verbose=0)).shape, any(k.split('.')[0] == 'pipeline' for k in sys.modules))\n"
+        "imported = any(k.split('.')[0] == 'pipeline' for k in sys.modules)\n"
+        "print(np.asarray(m.predict(x, verbose=0)).shape, imported)\n"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True

@@ -172,7 +172,8 @@ def finetune(params: FinetuneParams, layout: Layout = Layout()) -> dict:
     if assembly.note:
         print(f"NOTE: {assembly.note}")
     print(
-        f"fine-tuning {backbone.name} ({short(features.weights_used)} weights) from {assembly.unfreeze} "
+        f"fine-tuning {backbone.name} ({short(features.weights_used)} weights) from "
+        f"{assembly.unfreeze} "
         f"up to {spec.layer} + head {spec.cell}; precision {precision}; trainable backbone "
         f"layers: {len(assembly.trainable_layers)}"
     )
