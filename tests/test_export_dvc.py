@@ -74,10 +74,10 @@ def test_predict_on_the_test_files_gives_evaluates_predictions_and_accuracy(expo
     accuracy from the CSV is metrics/test.json's; unreadable and missing files are rows with
     their reason; errors.csv lists exactly the wrong rows."""
     root = Path(yaml.safe_load((exported / "params.yaml").read_text())["data"]["path"])
+    from pipeline.data.prepared import split_sources
     from pipeline.project.layout import Layout
-    from pipeline.winner.mistakes import test_sources
 
-    sources = test_sources(Layout(exported).prepared_files)
+    sources = split_sources(Layout(exported).prepared_files, "test")
     (tmp_path / "broken.png").write_text("not an image")
     files = [str(root / s) for s in sources]
     out = tmp_path / "predictions.csv"

@@ -5,6 +5,7 @@ manifest's files decoded on demand and checked against the sha256 prepare listed
 from __future__ import annotations
 
 import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 from pipeline.data.arrays import NpyRows
 from pipeline.data.decoding import DataError, decode_bytes
 from pipeline.data.files import tree
-from pipeline.project.layout import Layout
+from pipeline.project.layout import Layout, PreparedFiles
 from pipeline.project.records import PreparedRecord
 
 
@@ -106,3 +107,21 @@ def load_split(
             f"labels, {files.record.name} says {want}: run `dvc repro prepare`"
         )
     return images, labels
+
+
+def split_sources(files: PreparedFiles, split: str) -> list[str]:
+    """Each image's source in `split` (a file under data.path, or the data set and its index),
+    in the split's order. manifest.csv rows are `split,index,label,<source as
+    JSON>`: the label may hold commas, so the source is the first JSON string that parses."""
+    found = {}
+    for line in files.manifest.read_text().splitlines()[1:]:
+        row_split, index, rest = line.split(",", 2)
+        if row_split != split:
+            continue
+        for k in (i for i, c in enumerate(rest) if c == "," and rest[i + 1 : i + 2] == '"'):
+            try:
+                found[int(index)] = json.loads(rest[k + 1 :])
+                break
+            except ValueError:
+                continue
+    return [found.get(i, "?") for i in range(len(found))]

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.backbones.adapters import load_backbone
+from pipeline.backbones.adapters import load_trained_on
 from pipeline.data.decoding import decode_workers
 from pipeline.data.prepared import load_split
 from pipeline.features.precision import use_precision
 from pipeline.features.store import open_features
 from pipeline.finetuning.assembly import Assembly, assemble
 from pipeline.finetuning.conversion import (
-    FinetuneError,
     StartingHead,
     choose_head,
     refit_on_train,
@@ -72,12 +71,7 @@ def predict(model, images: np.ndarray, batch_size: int):
 def _assembled(backbone: BackboneRecord, start: StartingHead, head, cfg: FinetuneConfig):
     """The pretrained backbone, freshly loaded, up to the head's layer, with `head`."""
     spec = start.spec
-    model, weights_used = load_backbone(backbone, [spec.layer])
-    if weights_used != spec.record.features.weights_used:
-        raise FinetuneError(
-            f"backbone.weights resolved to {weights_used}, the head {spec.cell} was trained "
-            f"on features of {spec.record.features.weights_used}: run `dvc repro`"
-        )
+    model = load_trained_on(backbone, spec.layer, spec.record.features.weights_used, spec.cell)
     return assemble(
         model,
         backbone,

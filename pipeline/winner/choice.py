@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pipeline.backbones.adapters import load_backbone
+from pipeline.backbones.adapters import load_trained_on
 from pipeline.features.store import open_features
 from pipeline.finetuning.conversion import choose_head
 from pipeline.finetuning.params import FinetuneParams
@@ -22,7 +22,6 @@ from pipeline.project.records import (
     BestChoice,
     PreparedRecord,
     RecordError,
-    short,
 )
 
 
@@ -74,7 +73,7 @@ def choose_winner(params: FinetuneParams, layout: Layout = Layout()) -> Winner:
         from pipeline.features.extractor import Preprocess, Reduce  # noqa: F401 (deserialised)
         from pipeline.finetuning.augment import RandomResizedCropFlip  # noqa: F401
 
-        _import_needs(backbone)
+        import_needs(needs(backbone))
         model = keras.saving.load_model(layout.finetuned_model, compile=False)
         trunk = model.get_layer(f"{backbone.name}_to_{status['layer']}")
         (head,) = [lyr for lyr in model.layers if isinstance(lyr, keras.Model) and lyr is not trunk]
@@ -96,12 +95,7 @@ def choose_winner(params: FinetuneParams, layout: Layout = Layout()) -> Winner:
             storage_dtype=None,
         )
     start = choose_head(best, params.train, features, len(prepared.class_names), layout)
-    model, used = load_backbone(backbone, [start.spec.layer])
-    if used != features.weights_used:
-        raise RecordError(
-            f"backbone.weights resolved to {short(used)}, the head {start.spec.cell} was trained "
-            f"on features of {short(features.weights_used)}: run `dvc repro`"
-        )
+    model = load_trained_on(backbone, start.spec.layer, features.weights_used, start.spec.cell)
     from pipeline.backbones.keras_apps import tap
 
     layer = start.spec.layer
@@ -130,8 +124,9 @@ def needs(backbone: BackboneRecord) -> list[str]:
     return ["keras_hub"] if backbone.family == "keras_hub" else []
 
 
-def _import_needs(backbone: BackboneRecord) -> None:
+def import_needs(modules: list[str]) -> None:
+    """Import what a card's `needs` names, before its classifier loads."""
     import importlib
 
-    for module in needs(backbone):
+    for module in modules:
         importlib.import_module(module)

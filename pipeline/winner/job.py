@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data.decoding import decode_workers
-from pipeline.data.prepared import load_split
+from pipeline.data.prepared import load_split, split_sources
 from pipeline.finetuning.params import FinetuneParams
 from pipeline.project.layout import Layout
 from pipeline.project.records import ClassifierCard
 from pipeline.selection.scoring import split_report
 from pipeline.winner.choice import choose_winner, needs
 from pipeline.winner.classifier import build_classifier, save_classifier
-from pipeline.winner.mistakes import mistakes, mistakes_png, test_sources, write_errors
+from pipeline.winner.mistakes import mistakes, mistakes_png, write_errors
 
 INPUT = (
     "uint8 RGB images, (batch, height, width, 3), any size: resized inside to image_side "
@@ -59,7 +59,7 @@ def export(params: FinetuneParams, layout: Layout = Layout()) -> ClassifierCard:
     save_classifier(model, layout.classifier)
     card.write(layout.card)
     order = mistakes(labels, probs)
-    sources = test_sources(layout.prepared_files)
+    sources = split_sources(layout.prepared_files, "test")
     write_errors(layout.errors_csv, sources, prepared.class_names, labels, probs, order)
     mistakes_png(
         layout.mistakes_png,

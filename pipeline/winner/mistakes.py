@@ -4,32 +4,11 @@ confident first) and plots/mistakes.png (thumbnails of the most confident ones).
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.project.layout import PreparedFiles
-
 THUMBNAILS = 16
-
-
-def test_sources(files: PreparedFiles) -> list[str]:
-    """Each test image's source (a file under data.path, or the data set and its index), in
-    the order of the prepared test split. manifest.csv rows are `split,index,label,<source as
-    JSON>`: the label may hold commas, so the source is the first JSON string that parses."""
-    found = {}
-    for line in files.manifest.read_text().splitlines()[1:]:
-        split, index, rest = line.split(",", 2)
-        if split != "test":
-            continue
-        for k in (i for i, c in enumerate(rest) if c == "," and rest[i + 1 : i + 2] == '"'):
-            try:
-                found[int(index)] = json.loads(rest[k + 1 :])
-                break
-            except ValueError:
-                continue
-    return [found.get(i, "?") for i in range(len(found))]
 
 
 def mistakes(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import importlib
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ from pipeline.data.decoding import decode_bytes
 from pipeline.project.errors import InputError
 from pipeline.project.layout import Layout
 from pipeline.project.records import ClassifierCard
+from pipeline.winner.choice import import_needs
 
 
 def image_suffixes() -> set[str]:
@@ -54,8 +54,7 @@ def load_classifier(project: Path):
 
     layout = Layout(project)
     card = ClassifierCard.read(layout.card, f"dvc repro export (in {project})")
-    for module in card.needs:
-        importlib.import_module(module)
+    import_needs(card.needs)
     return keras.saving.load_model(layout.classifier, compile=False), card
 
 
