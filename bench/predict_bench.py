@@ -89,8 +89,8 @@ def peak_rss_mb(root: Path, files: list[str], batch_size: int) -> float:
     listing = root / "files.txt"
     listing.write_text("\n".join(files))
     code = (
-        "import sys; from pathlib import Path; from pipeline.winner.predict import predict_files;"
-        f"predict_files(Path({str(listing)!r}).read_text().split(), Path({str(root)!r}), "
+        "import sys; from pathlib import Path; import exported, predict_files;"
+        f"predict_files(Path({str(listing)!r}).read_text().split(), exported(Path({str(root)!r})), "
         f"Path({str(root / 'rows.csv')!r}), {batch_size})"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "TQDM_DISABLE": "1"})
@@ -110,7 +110,7 @@ def main() -> None:
     import numpy as np
 
     from pipeline.data.decoding import decode_bytes
-    from pipeline.winner.predict import predict_files
+    from pipeline.winner.predict import exported, predict_files
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -125,8 +125,9 @@ def main() -> None:
         model.predict(arrays, batch_size=args.batch_size, verbose=0)
         bare = len(files) / (time.perf_counter() - t0)
         os.environ["TQDM_DISABLE"] = "1"
-        predict_files(files[: args.batch_size], root, root / "warm.csv", args.batch_size)
-        r = predict_files(files, root, root / "rows.csv", args.batch_size)
+        classifier = exported(root)
+        predict_files(files[: args.batch_size], classifier, root / "warm.csv", args.batch_size)
+        r = predict_files(files, classifier, root / "rows.csv", args.batch_size)
         one = peak_rss_mb(root, files, args.batch_size)
         many = peak_rss_mb(root, files * args.multiple, args.batch_size)
     print(

@@ -5,7 +5,9 @@ under `dvc repro`."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -162,68 +164,84 @@ def layers(name: str, image_size: int | None) -> None:
 WIDTH = 100  # `layerwise show` fits this many columns unless --wide
 
 
+def layers_view(layers: list[str]) -> str:
+    """The `dvc exp show` command whose columns are each layer's best selection accuracy."""
+    return f"dvc exp show --drop '.*' --keep 'Experiment|^({'|'.join(layers)})$'"
+
+
+def stale_stages(root: Path, seconds: float = 60) -> list[str] | None:
+    """The stages `dvc status` lists as changed in `root` (not `scan`, which always runs), or
+    None when DVC cannot tell (not a DVC project, or no answer within `seconds`)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=seconds,
+        )
+        status = json.loads(done.stdout or "null")
+    except (subprocess.TimeoutExpired, ValueError):
+        return None
+    if done.returncode or not isinstance(status, dict):
+        return None
+    return [name for name, why in status.items() if why != ["always changed"]]
+
+
+@contextlib.contextmanager
+def damaged(path: Path, root: Path):
+    """A results file that is truncated, hand-edited or from another version: one line."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise InputError(
+            f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:80]}): "
+            f"it is damaged or was written by another version; run `dvc repro` in {root}"
+        ) from None
+
+
 def show(root: Path, wide: bool = False) -> None:
     """The leaderboard, the test metrics and the exported winner of the project in `root`, in
-    100 columns (`wide`: the whole leaderboard.md)."""
-    import csv
+    100 columns (`wide`: the whole leaderboard.md), after a warning when they are stale."""
     import textwrap
 
     from pipeline.project.layout import Layout
-    from pipeline.project.records import short
 
     layout = Layout(root)
     board = layout.leaderboard_md
     if not board.is_file():
         raise InputError(f"{board} not found: run `dvc repro` in {root} first")
+    stale = stale_stages(root)
+    if stale:
+        print(
+            textwrap.fill(
+                f"STALE (run `dvc repro`): `dvc status` lists changed stages "
+                f"({', '.join(stale[:4])}{', ...' if len(stale) > 4 else ''}); these results "
+                "predate the change",
+                WIDTH,
+            )
+            + "\n"
+        )
     if wide:
         print(board.read_text())
     else:
-        with layout.leaderboard_csv.open(newline="") as f:
-            ranked = list(csv.DictReader(f))
-        top = ranked[0]
-        estimate = f"cv{top['cv_folds']}" if top["selection"] == "cv" else "val"
-        print(
-            f"{top['backbone']} ({short(top['weights'])} weights): {len(ranked)} cells, ranked "
-            f"by {estimate} accuracy (test: for reference only)\n"
-        )
-        rows = [("#", "cell", "est", "val acc", "95% interval", "test acc", "fit s")]
-        for r in ranked:
-            low, high = (float(v) for v in r["val_accuracy_ci95"].strip("()[]").split(","))
-            cell = r["cell"] if len(r["cell"]) <= 40 else r["cell"][:39] + "\u2026"
-            est = f"cv{r['cv_folds']}" if r["selection"] == "cv" else "val"
-            rows.append(
-                (
-                    r["rank"],
-                    cell,
-                    est,
-                    f"{float(r['val_accuracy']):.4f}",
-                    f"[{low:.3f}, {high:.3f}]",
-                    f"{float(r['test_accuracy']):.4f}",
-                    f"{float(r['fit_seconds']):.2f}",
-                )
-            )
-        _table(rows)
-        print()
+        with damaged(layout.leaderboard_csv, root):
+            _leaderboard(layout)
     lines = []
     if not wide and layout.select_metrics.is_file():
-        tie = json.loads(layout.select_metrics.read_text()).get("tie_break")
+        with damaged(layout.select_metrics, root):
+            tie = json.loads(layout.select_metrics.read_text()).get("tie_break")
         lines += [f"tie: {tie}"] if tie else []
     if layout.test_metrics.is_file():
-        result = json.loads(layout.test_metrics.read_text())
-        for name, m in result.items():
-            if isinstance(m, dict) and "test_accuracy" in m:
-                low, high = m.get("test_accuracy_ci95") or (None, None)
-                ci = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
-                where = m.get("cell") or f"from {m.get('started_from')}"
-                lines.append(
-                    f"{name}: test accuracy {m['test_accuracy']:.4f}{ci}, macro-F1 "
-                    f"{m['test_macro_f1']:.4f} ({where})"
-                )
+        with damaged(layout.test_metrics, root):
+            lines += _test_lines(json.loads(layout.test_metrics.read_text()))
     if layout.card.is_file():
-        card = json.loads(layout.card.read_text())
+        from pipeline.project.records import ClassifierCard
+
+        card = ClassifierCard.read(layout.card, f"dvc repro export (in {root})")
         lines.append(
-            f"exported: {card['cell']} ({card['source']}), test accuracy "
-            f"{card['test']['accuracy']:.4f}, in {layout.classifier}: {card['why']}"
+            f"exported: {card.cell} ({card.source}), test accuracy {card.test.accuracy:.4f}, "
+            f"in {layout.classifier}: {card.why}"
         )
         lines.append(
             "`layerwise predict IMAGES...` runs it; mistakes: "
@@ -231,16 +249,82 @@ def show(root: Path, wide: bool = False) -> None:
         )
     for line in lines:
         print(textwrap.fill(line, WIDTH, subsequent_indent="  "))
+    if layout.layer_metrics.is_file():  # a command to copy: not wrapped
+        with damaged(layout.layer_metrics, root):
+            layers = list(json.loads(layout.layer_metrics.read_text()))
+        print(f"each layer across experiments:\n  {layers_view(layers)}")
 
 
-def predict(paths: list[str], project: Path, out: Path | None, batch_size: int) -> None:
-    """Rows of the exported classifier's predictions; a summary on stderr."""
-    from pipeline.winner.predict import predict_files
+def _leaderboard(layout) -> None:
+    """reports/leaderboard.csv in seven columns."""
+    import csv
 
-    r = predict_files(paths, project, out, batch_size)
+    from pipeline.project.records import short
+
+    with layout.leaderboard_csv.open(newline="") as f:
+        ranked = list(csv.DictReader(f))
+    top = ranked[0]
+    estimate = f"cv{top['cv_folds']}" if top["selection"] == "cv" else "val"
+    print(
+        f"{top['backbone']} ({short(top['weights'])} weights): {len(ranked)} cells, ranked "
+        f"by {estimate} accuracy (test: for reference only)\n"
+    )
+    rows = [("#", "cell", "est", "val acc", "95% interval", "test acc", "fit s")]
+    for r in ranked:
+        low, high = (float(v) for v in r["val_accuracy_ci95"].strip("()[]").split(","))
+        cell = r["cell"] if len(r["cell"]) <= 40 else r["cell"][:39] + "\u2026"
+        est = f"cv{r['cv_folds']}" if r["selection"] == "cv" else "val"
+        rows.append(
+            (
+                r["rank"],
+                cell,
+                est,
+                f"{float(r['val_accuracy']):.4f}",
+                f"[{low:.3f}, {high:.3f}]",
+                f"{float(r['test_accuracy']):.4f}",
+                f"{float(r['fit_seconds']):.2f}",
+            )
+        )
+    _table(rows)
+    print()
+
+
+def _test_lines(result: dict) -> list[str]:
+    """One line per model of metrics/test.json."""
+    lines = []
+    for name, m in result.items():
+        if isinstance(m, dict) and "test_accuracy" in m:
+            low, high = m.get("test_accuracy_ci95") or (None, None)
+            ci = f" [{float(low):.3f}, {float(high):.3f}]" if low is not None else ""
+            where = m.get("cell") or f"from {m.get('started_from')}"
+            lines.append(
+                f"{name}: test accuracy {float(m['test_accuracy']):.4f}{ci}, macro-F1 "
+                f"{float(m['test_macro_f1']):.4f} ({where})"
+            )
+    return lines
+
+
+def predict(args: argparse.Namespace) -> None:
+    """Rows of the exported classifier's predictions (`--top`: of the backbone's own ImageNet
+    top); a summary on stderr."""
+    from pipeline.winner import predict as winner
+
+    if args.top:
+        from pipeline.winner.imagenet import backbone_of, top_classifier
+
+        name, weights = backbone_of(args.project) if not args.backbone else (args.backbone, None)
+        classifier = top_classifier(name, args.weights or weights or "auto")
+        if classifier.note:
+            print(f"note: {classifier.note}", file=sys.stderr)
+        rows = winner.Classifier(
+            classifier, classifier.class_names, classifier.side, "bilinear", top_k=5
+        )
+    else:
+        rows = winner.exported(args.project)
+    r = winner.predict_files(args.paths, rows, args.out, args.batch_size)
     print(
         f"predicted {r['images']} images ({r['per_second']:.1f} images/s), "
-        f"{r['failed']} could not be read" + (f"; rows in {out}" if out else ""),
+        f"{r['failed']} could not be read" + (f"; rows in {args.out}" if args.out else ""),
         file=sys.stderr,
     )
 
@@ -284,12 +368,37 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--project", type=Path, default=Path("."), help="the project (default: .)")
     pr.add_argument("--out", type=Path, help="a .csv or .jsonl file (default: CSV on stdout)")
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument(
+        "--top",
+        action="store_true",
+        help="the backbone with its own ImageNet top instead (1,000 classes; rows list the 5 "
+        "most probable)",
+    )
+    pr.add_argument(
+        "--backbone",
+        help="with --top: a keras.applications backbone (default: the project's backbone.name)",
+    )
+    pr.add_argument(
+        "--weights",
+        help="with --top: imagenet | auto | a .weights.h5 file with "
+        "the top (default: the project's backbone.weights)",
+    )
     return p
+
+
+@contextlib.contextmanager
+def _closed_pipe():
+    """Output piped into a reader that stops early (`| head`): stop quietly, as `ls` does."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    with one_line_errors(f"layerwise {args.command}"):
+    with one_line_errors(f"layerwise {args.command}"), _closed_pipe():
         if args.command == "init":
             init(args.dir, args.images, args.backbone, args.image_size, args.weights)
         elif args.command == "backbones":
@@ -297,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "layers":
             layers(args.name, args.image_size)
         elif args.command == "predict":
-            predict(args.paths, args.project, args.out, args.batch_size)
+            predict(args)
         else:
             show(args.dir, args.wide)
 

@@ -233,12 +233,28 @@ def test_imagenet_offline_fails_with_a_clear_message(offline):
     assert "~/.keras/models" in message and "weights: random or auto" in message
 
 
-def test_auto_offline_falls_back_to_random_and_records_it(offline, project, capsys):
+@pytest.mark.parametrize("host", ["unreachable", "reachable"])
+def test_auto_offline_falls_back_to_random_and_records_it(
+    offline, project, capsys, monkeypatch, host
+):
+    """Offline (the download host cannot be reached) nothing is tried and no "Downloading"
+    line is printed; reachable but failing, Keras's own download fails and is reported."""
+    from pipeline.backbones import keras_apps
+
+    if host == "unreachable":
+        monkeypatch.setattr(keras_apps, "IMAGENET_HOST", "weights.invalid")  # RFC 2606
+    else:
+        monkeypatch.setattr(keras_apps, "reachable", lambda host: True)
     project.write_params(backbone={"weights": "auto"}, data={"limit": 60})
     project.main("scan")
     project.main("prepare")
     project.main("extract")
-    assert "ImageNet weights unavailable" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    if host == "unreachable":
+        assert "weights.invalid cannot be reached; using random" in out
+        assert "Downloading" not in out
+    else:
+        assert "ImageNet weights unavailable" in out and "Downloading data from" in out
 
     from pipeline.data.prepared import load_split
     from pipeline.features.store import open_features

@@ -89,6 +89,42 @@ def test_init_makes_a_project_that_dvc_repro_runs(initialised):
     assert "dvc_plots" in (project / ".gitignore").read_text()
 
 
+def test_show_says_when_results_are_stale(initialised):
+    """After a params change `dvc status` lists changed stages: show says so first."""
+    project, _ = initialised
+    params = project / "params.yaml"
+    original = params.read_text()
+    assert "STALE" not in layerwise("show", str(project)).stdout
+    changed = yaml.safe_load(original)
+    changed["train"]["logreg"]["C"] = 0.123
+    params.write_text(yaml.safe_dump(changed, sort_keys=False))
+    try:
+        shown = layerwise("show", str(project)).stdout
+    finally:
+        params.write_text(original)
+    first = shown.split("\n\n")[0]
+    assert first.startswith("STALE (run `dvc repro`): `dvc status` lists changed stages (")
+    assert "train@logreg" in first and max(len(line) for line in shown.splitlines()) <= 100
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ['{"frozen": {"test_accuracy": 0.9', '{"frozen": {"test_accuracy": "high"}}', "[1, 2]"],
+)
+def test_show_reports_a_damaged_metrics_file_in_one_line(initialised, damage):
+    """Truncated, a string for a number, a list for a mapping: one line naming the file."""
+    project, _ = initialised
+    metrics = project / "metrics" / "test.json"
+    original = metrics.read_text()
+    metrics.write_text(damage)
+    try:
+        result = layerwise("show", str(project), check=False)
+    finally:
+        metrics.write_text(original)
+    line = one_line_error(result)
+    assert "metrics/test.json cannot be read" in line and "run `dvc repro`" in line
+
+
 def test_a_default_run_prints_no_backend_start_up_noise(initialised):
     _, output = initialised
     assert "Running stage 'extract'" in output

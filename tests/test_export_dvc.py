@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +37,18 @@ def photos(root: Path, per_class: int = 24) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
+    import keras
+
     base = tmp_path_factory.mktemp("export")
     images = photos(base / "photos")
+    weights = base / "vgg16_notop.weights.h5"  # a local weights file, as a user gives one
+    keras.utils.set_random_seed(1)
+    keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3)).save_weights(
+        weights
+    )
     params = {
         "data": {"source": "folder", "path": str(images), "image_size": 32, "limit": None},
-        "backbone": {"name": "vgg16", "weights": "random"},
+        "backbone": {"name": "vgg16", "weights": str(weights)},
         "extract": {"batch_size": 16, "precision": "float32"},
         "train": {"heads": ["logreg", "linear_svm"]},
     }
@@ -66,7 +75,11 @@ def test_the_exported_classifier_loads_in_plain_keras_and_takes_any_size(exporte
     assert result == {"shape": [1, 2], "sum": pytest.approx(1.0, abs=1e-5), "pipeline": []}
     card = json.loads((exported / "models/export/card.json").read_text())
     assert card["class_names"] == ["cat", "dog"] and card["source"] == "frozen"
-    assert card["image_side"] == 32 and card["weights"] == "random"
+    weights = yaml.safe_load((exported / "params.yaml").read_text())["backbone"]["weights"]
+    assert card["image_side"] == 32
+    assert (
+        card["weights"] == f"file:sha256:{hashlib.sha256(Path(weights).read_bytes()).hexdigest()}"
+    )
 
 
 def test_predict_on_the_test_files_gives_evaluates_predictions_and_accuracy(exported, tmp_path):
@@ -120,3 +133,32 @@ def test_predict_on_the_test_files_gives_evaluates_predictions_and_accuracy(expo
     assert {str(root / e["file"]) for e in errors} == wrong and 0 < len(wrong) < len(good)
     confidences = [float(e["confidence"]) for e in errors]
     assert confidences == sorted(confidences, reverse=True)
+
+
+def test_export_refuses_a_trunk_whose_weights_changed_since_the_head_was_trained(exported):
+    """The weights file replaced after extract, export run by hand: one line, nothing written
+    (under `dvc repro`, scan would see the new file and re-run every stage)."""
+    import keras
+
+    weights = Path(yaml.safe_load((exported / "params.yaml").read_text())["backbone"]["weights"])
+    original = weights.read_bytes()
+    before = (exported / "models" / "export" / "classifier.keras").stat().st_mtime_ns
+    try:
+        keras.utils.set_random_seed(2)
+        model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+        model.save_weights(weights)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repo's pipeline/
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.export"],
+            cwd=exported,
+            env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        weights.write_bytes(original)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "the head" in lines[-1] and "was trained on features of file:sha256:" in lines[-1]
+    assert "run `dvc repro`" in lines[-1]
+    assert (exported / "models" / "export" / "classifier.keras").stat().st_mtime_ns == before

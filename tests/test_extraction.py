@@ -191,6 +191,30 @@ def test_stale_or_mismatched_features_are_refused(tmp_path, rng_images):
     )
 
 
+@pytest.mark.parametrize("edit", ["labels", "features"])
+def test_train_run_by_hand_refuses_features_edited_after_extract(project, edit):
+    """`python -m pipeline.train` outside DVC (which would restore its copy) on a features
+    file edited in place with h5py, checksums and all: one line, nothing trained."""
+    import h5py
+
+    project.write_params()
+    for stage in ("scan", "prepare", "extract"):
+        project.main(stage)
+    path = project.layout.features_file("train")
+    with h5py.File(path, "r+") as f:
+        if edit == "labels":
+            f["labels"][:] = (f["labels"][:] + 1) % 10
+        else:
+            f["features"]["block5_pool"][0] *= -1
+    result = project.run("train", check=False, args=["--head", "logreg"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    what = "its labels" if edit == "labels" else "layer 'block5_pool'"
+    assert f"{what} differ from what extract wrote" in lines[-1]
+    assert "dvc checkout" in lines[-1]
+    assert not project.layout.cell_metrics("block5_pool", "logreg").exists()
+
+
 # ---------------------------------------------------------------- resume
 
 

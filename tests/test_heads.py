@@ -113,6 +113,25 @@ def test_dense_head_streams_and_stops_early(tmp_path, features):
     np.testing.assert_allclose(model.predict(x, verbose=0).sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_dense_cross_validation_traces_no_function_per_model(tmp_path, features, capfd, caplog):
+    """Six dense models (five folds and the refit) predict without TensorFlow's warning that
+    its functions are retraced; the predictions are those of `model.predict`."""
+    import keras
+
+    dense = {"hidden": [8], "epochs": 3, "patience": 1}
+    metrics, out = run_cell(tmp_path, features, "small", "dense", dense=dense, cv={"folds": 5})
+    assert metrics.selection == "cv" and metrics.cv_folds == 5
+    assert "retracing" not in capfd.readouterr().err + caplog.text  # TF logs through logging
+
+    from pipeline.heads.fit import keras_probabilities
+
+    model = keras.models.load_model(out / "model.keras")
+    x = open_splits(Layout(features))["val"].read("small")
+    np.testing.assert_allclose(
+        keras_probabilities(model, x), model.predict(x, verbose=0), rtol=1e-5, atol=1e-7
+    )
+
+
 @pytest.mark.parametrize(
     "field, value, named",
     [

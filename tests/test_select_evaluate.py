@@ -110,7 +110,7 @@ def test_leaderboard_rows_are_the_current_layers_x_heads(tmp_path):
     assert best.model.endswith(f"heads/{best.head}/{best.cell}/{MODEL_FILES[best.kind]}")
     summary = json.loads(Layout(tmp_path).select_metrics.read_text())
     assert summary["best_cell"] == best.cell == rows[0]["cell"]
-    assert summary["by_layer"] == {
+    assert json.loads(Layout(tmp_path).layer_metrics.read_text()) == {
         la: max(float(r["val_accuracy"]) for r in rows if r["layer"] == la) for la in layers
     }
 
@@ -316,8 +316,19 @@ def test_evaluate_puts_the_finetuned_model_beside_the_frozen_head(trained):
     report = (trained / "reports" / "test.md").read_text()
     assert f"## frozen: {best['cell']} (the chosen cell)" in report
     assert "## fine-tuned from other-cell" in report and "| 0.500 | 0.250 | 30 |" in report
+    both = png_size(trained / "plots" / "confusion.png")
     status_file.write_text(json.dumps({"enabled": False}))
     assert "finetuned" not in run_evaluate()
+    frozen_only = png_size(trained / "plots" / "confusion.png")
+    # one row of matrices per model: the fine-tuned model's below the frozen head's
+    assert both[0] == frozen_only[0] and both[1] == pytest.approx(2 * frozen_only[1], rel=0.05)
+
+
+def png_size(path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
 
 
 def run_evaluate_report(root) -> list[dict]:

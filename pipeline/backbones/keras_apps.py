@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import socket
+import threading
 import warnings
 from pathlib import Path
 
@@ -75,6 +77,24 @@ def tap(model, name: str):
     return taps(model)[name].output
 
 
+IMAGENET_HOST = "storage.googleapis.com"  # where keras.applications downloads its weights
+
+
+def reachable(host: str, seconds: float = 5.0) -> bool:
+    """Whether a TCP connection to `host`:443 opens within `seconds`, name lookup included
+    (which has no timeout of its own, hence the thread)."""
+    opened = []
+
+    def connect() -> None:
+        with contextlib.suppress(OSError), socket.create_connection((host, 443), seconds):
+            opened.append(True)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(opened)
+
+
 def keras_models_dir() -> Path:
     """Where Keras caches downloaded weights (`$KERAS_HOME/models`, by default ~/.keras/models)."""
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
@@ -114,6 +134,12 @@ def load_backbone(backbone: BackboneRecord, layers: list[str]):
 
     keras.utils.set_random_seed(0)  # `random` weights are the same in every process
     if weights == "random":
+        model, used = made(None), "random"
+    elif backbone.identity == "auto:not-cached" and not reachable(IMAGENET_HOST):
+        print(
+            f"backbone.weights=auto: ImageNet weights for {backbone.name} are not in "
+            f"{keras_models_dir()} and {IMAGENET_HOST} cannot be reached; using random"
+        )
         model, used = made(None), "random"
     elif weights in ("imagenet", "auto"):
         try:

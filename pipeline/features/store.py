@@ -3,6 +3,8 @@
 Layout of `features/<split>.h5`: one dataset per layer under `features/` (rows = images,
 storage dtype float16 by default), `labels` (int32), every dataset with a fletcher32 checksum
 per chunk, and attrs: `fingerprint` (a `records.Fingerprint` as JSON), `class_names` (JSON),
+`sha256` (JSON: of the labels and of each layer's rows as stored, so that a file edited after
+extract is refused: the labels whenever it is opened, a layer whenever it is read whole),
 `complete`.
 
 Writing is crash-safe: each finished chunk of rows goes to its own file in a scratch
@@ -15,6 +17,7 @@ removes `features/` before every run of extract.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +31,7 @@ from pipeline.project.layout import SPLITS, Layout
 from pipeline.project.provenance import require
 from pipeline.project.records import Fingerprint, RecordError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Rows per scratch chunk are chosen to hold about this much; the environment variable
 # PIPELINE_CHUNK_BYTES overrides it (tests use tiny chunks to kill a run part-way).
 TARGET_CHUNK_BYTES = int(os.environ.get("PIPELINE_CHUNK_BYTES", str(32 << 20)))
@@ -122,16 +125,25 @@ class ChunkWriter:
                     chunks=(chunk_rows, width),
                     fletcher32=True,
                 )
+            digests = {name: hashlib.sha256() for name in datasets}
             start = 0
             while start < n:
                 with np.load(self._path(start)) as chunk:
                     rows = 0
                     for name, ds in datasets.items():
-                        block = chunk[name]
+                        block = np.ascontiguousarray(chunk[name], self.dtype)
                         rows = len(block)
                         ds[start : start + rows] = block
+                        digests[name].update(block.data)
                 start += rows
-            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32), fletcher32=True)
+            labels = np.asarray(labels, dtype=np.int32)
+            f.create_dataset("labels", data=labels, fletcher32=True)
+            f.attrs["sha256"] = json.dumps(
+                {
+                    "labels": _sha256(labels),
+                    "features": {k: d.hexdigest() for k, d in digests.items()},
+                }
+            )
             for key, value in attrs.items():
                 f.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
             f.attrs["format_version"] = FORMAT_VERSION
@@ -147,17 +159,21 @@ class FeatureFile:
     class_names: list[str]
     labels: np.ndarray
     widths: dict[str, int]
+    sha256: dict[str, str]  # layer -> digest of its rows as stored
 
     def read(self, layer: str, rows: slice = slice(None), dtype=np.float32) -> np.ndarray:
         self.check_layer(layer)
         try:
             with h5py.File(self.path, "r") as f:
-                return f["features"][layer][rows].astype(dtype)
+                stored = f["features"][layer][rows]
         except OSError as exc:
             raise FeatureStoreError(
                 f"{self.path} is corrupt: reading layer {layer!r} failed its checksum ({exc}): "
                 f"run `{RERUN} --force`"
             ) from None
+        if rows == slice(None) and _sha256(stored) != self.sha256[layer]:
+            raise edited(self.path, f"layer {layer!r}")
+        return stored.astype(dtype)
 
     def check_layer(self, layer: str) -> None:
         """Raise FeatureStoreError, naming the cached layers, if `layer` is not one of them."""
@@ -189,13 +205,27 @@ def open_features(path: str | Path, expect: dict | None = None) -> FeatureFile:
             widths = {name: int(ds.shape[1]) for name, ds in f["features"].items()}
             labels = f["labels"][:]
             class_names = json.loads(attrs["class_names"])
+            sha256 = json.loads(attrs["sha256"])
     except RecordError:
         raise
     except Exception as exc:
         raise FeatureStoreError(f"{path} is unreadable or corrupt ({exc}): {rerun}") from None
+    if _sha256(labels) != sha256["labels"]:
+        raise edited(path, "its labels")
     if expect:
         require(str(path), fingerprint.model_dump(), expect, RERUN)
-    return FeatureFile(path, fingerprint, class_names, labels, widths)
+    return FeatureFile(path, fingerprint, class_names, labels, widths, sha256["features"])
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+def edited(path: Path, what: str) -> FeatureStoreError:
+    return FeatureStoreError(
+        f"{path}: {what} differ from what extract wrote (the file was modified since): run "
+        f"`{RERUN} --force`, or `dvc checkout {path}` to restore DVC's copy"
+    )
 
 
 def open_splits(layout: Layout = Layout(), expect: dict | None = None) -> dict[str, FeatureFile]:

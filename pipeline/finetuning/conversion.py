@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.heads.fit import keras_probabilities
 from pipeline.heads.registry import HEADS, get_head
 from pipeline.heads.saved import expected_head, load_head, read_head
 from pipeline.project.errors import InputError
@@ -120,7 +121,7 @@ def to_keras(model, kind: str, n_classes: int, name: str):
     """(Keras model features -> probabilities initialised from a trained head, the head's own
     predict function on features)."""
     if kind == "keras":  # its own predictions are taken before training
-        return model, lambda x: np.argmax(model.predict(x, verbose=0), axis=1)
+        return model, lambda x: np.argmax(keras_probabilities(model, x), axis=1)
     kernel, bias = linear_head_weights(model, n_classes)
     return linear_head(kernel, bias, name=name), model.predict
 

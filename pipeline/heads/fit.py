@@ -45,12 +45,24 @@ def fit_head(
     return Fitted(fit_sklearn(head, cfg, train, layer, plan))
 
 
+def keras_probabilities(model, x: np.ndarray, batch_rows: int = 256) -> np.ndarray:
+    """`model` called on `x` batch by batch, eagerly: `model.predict` traces a function for
+    every new model, and TensorFlow warns about retracing after a few of them."""
+    from keras import ops
+
+    parts = [
+        ops.convert_to_numpy(model(x[i : i + batch_rows], training=False))
+        for i in range(0, len(x), batch_rows)
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]), np.float32)
+
+
 def predict(model, kind: str, ff: FeatureFile, layer: str, block_rows: int) -> np.ndarray:
     """Class indices for every row of `ff`, block by block."""
     out = []
     for x, _ in sequential(ff, layer, block_rows):
         if kind == "keras":
-            out.append(np.argmax(model.predict(x, batch_size=256, verbose=0), axis=1))
+            out.append(np.argmax(keras_probabilities(model, x), axis=1))
         else:
             out.append(model.predict(x))
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)

@@ -126,6 +126,12 @@ class Layout:
     def select_metrics(self) -> Path:
         return self.root / "metrics" / "select.json"
 
+    @property
+    def layer_metrics(self) -> Path:
+        """Each layer's best selection accuracy, keyed by the bare layer name: the columns of
+        `dvc exp show --keep` (`layers_view`), narrow enough for 100 columns."""
+        return self.root / "metrics" / "layers.json"
+
     # ------------------------------------------------------------ finetune
     @property
     def finetuned(self) -> Path:

@@ -212,7 +212,7 @@ def select(
         tie_break=tie_note(ranked, cfg.metric),
         ranking=finetune_candidates(ranked),
     )
-    per_layer = {
+    per_layer = {  # each layer's best selection accuracy
         layer: max(r["val_accuracy"] for r in ranked if r["layer"] == layer)
         for layer in train.layers_of(features.layers)
     }
@@ -227,7 +227,6 @@ def select(
         "best_val_fold_std": top["val_fold_std"],
         "best_val_macro_f1": top["val_macro_f1"],
         "tie_break": best.tie_break,
-        "by_layer": per_layer,  # each layer's best val_accuracy: `dvc exp show --keep by_layer`
         "selection": best.selection_note,  # last: the widest column of `dvc exp show`
     }
     layout.leaderboard_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -239,4 +238,5 @@ def select(
     best.write(layout.best)
     layout.select_metrics.parent.mkdir(parents=True, exist_ok=True)
     layout.select_metrics.write_text(json.dumps(brief, indent=2) + "\n")
+    layout.layer_metrics.write_text(json.dumps(per_layer, indent=2) + "\n")
     return best

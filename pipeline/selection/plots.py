@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.heads.registry import HEAD_NAMES
+from pipeline.project.records import SplitReport
 
 
 def write_confusion(
@@ -77,41 +78,39 @@ def layer_chart(
     plt.close(fig)
 
 
-def confusion_png(
-    path: Path, class_names: list[str], actual: np.ndarray, predicted: np.ndarray, title: str
-) -> None:
-    """Counts and row-normalised shares side by side, for viewing without DVC's HTML."""
+def confusion_png(path: Path, class_names: list[str], models: dict[str, SplitReport]) -> None:
+    """One row per model (title -> its test report): counts and row-normalised shares side by
+    side, for viewing without DVC's HTML."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = len(class_names)
-    counts = np.zeros((k, k), np.int64)
-    np.add.at(counts, (actual, predicted), 1)
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = 1.6 + 0.45 * k
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side + 0.6), constrained_layout=True)
-    for ax, values, label in ((axes[0], counts, "count"), (axes[1], shares, "share of row")):
-        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-        if k <= 20:
-            for (i, j), v in np.ndenumerate(values):
-                text = f"{v:d}" if values is counts else f"{v:.2f}"
-                ax.text(
-                    j,
-                    i,
-                    text,
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if shares[i, j] > 0.5 else "black",
-                )
-        ax.set_xticks(range(k), class_names, rotation=90, fontsize=8)
-        ax.set_yticks(range(k), class_names, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("actual")
-        ax.set_title(label)
-    fig.suptitle(title, fontsize=9)
+    fig, grid = plt.subplots(
+        len(models),
+        2,
+        figsize=(2 * side + 1, (side + 0.6) * len(models)),
+        constrained_layout=True,
+        squeeze=False,
+    )
+    for axes, (title, report) in zip(grid, models.items()):
+        counts = np.asarray(report.confusion, np.int64)
+        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        for ax, values, label in ((axes[0], counts, "count"), (axes[1], shares, "share of row")):
+            ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+            if k <= 20:
+                for (i, j), v in np.ndenumerate(values):
+                    text = f"{v:d}" if values is counts else f"{v:.2f}"
+                    color = "white" if shares[i, j] > 0.5 else "black"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+            ax.set_xticks(range(k), class_names, rotation=90, fontsize=8)
+            ax.set_yticks(range(k), class_names, fontsize=8)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("actual")
+            ax.set_title(f"{title}: {label}", fontsize=9)
+    fig.suptitle(f"test split, {next(iter(models.values())).n} images", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -70,13 +70,7 @@ def evaluate(train: TrainConfig, expect: dict | None, layout: Layout = Layout())
     layout.test_metrics.write_text(json.dumps(result, indent=2) + "\n")
     for path in layout.confusion_csvs:
         write_confusion(path, test.class_names, test.labels, predicted)
-    confusion_png(
-        layout.confusion_png,
-        test.class_names,
-        test.labels,
-        predicted,
-        f"{best.cell} on the test split ({s.n} images)",
-    )
+    confusion_png(layout.confusion_png, test.class_names, reports)
     with layout.leaderboard_csv.open() as f:
         ranking = [{**r, "val_accuracy": float(r["val_accuracy"])} for r in csv.DictReader(f)]
     layer_chart(

@@ -11,7 +11,9 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +72,15 @@ def _decode(path: str, side: int, interpolation: str):
 
 
 class Rows:
-    """CSV (default) or JSON lines (`.jsonl` / `.json` files) of predictions."""
+    """CSV (default) or JSON lines (`.jsonl` / `.json` files) of predictions: every class's
+    probability, or (`top_k`) the k most probable classes."""
 
-    def __init__(self, stream, class_names: list[str], jsonl: bool):
-        self.stream, self.names, self.jsonl = stream, class_names, jsonl
+    def __init__(self, stream, class_names: list[str], jsonl: bool, top_k: int | None = None):
+        self.stream, self.names, self.jsonl, self.k = stream, class_names, jsonl, top_k
         self.csv = None if jsonl else csv.writer(stream)
         if self.csv:
-            self.csv.writerow(["path", "predicted", "confidence", "error", *self.names])
+            classes = [f"top{top_k}"] if top_k else self.names
+            self.csv.writerow(["path", "predicted", "confidence", "error", *classes])
 
     def write(self, path: str, probs: np.ndarray | None, error: str | None) -> None:
         top = None if probs is None else int(probs.argmax())
@@ -86,19 +90,51 @@ class Rows:
             "confidence": None if top is None else round(float(probs[top]), 6),
             "error": error,
         }
+        ranked = [] if probs is None or not self.k else np.argsort(-probs)[: self.k]
         if self.jsonl:
-            if probs is not None:
+            if self.k and probs is not None:
+                row[f"top{self.k}"] = [[self.names[i], round(float(probs[i]), 6)] for i in ranked]
+            elif probs is not None:
                 row["probabilities"] = {n: round(float(p), 6) for n, p in zip(self.names, probs)}
             self.stream.write(json.dumps(row) + "\n")
+            return
+        if self.k:
+            values = ["; ".join(f"{self.names[i]} {probs[i]:.4f}" for i in ranked)]
         else:
             values = [] if probs is None else [f"{p:.6f}" for p in probs]
-            self.csv.writerow(
-                [path, row["predicted"] or "", row["confidence"] or "", error or "", *values]
-            )
+        self.csv.writerow(
+            [path, row["predicted"] or "", row["confidence"] or "", error or "", *values]
+        )
+
+
+@dataclass
+class Classifier:
+    """What `predict_files` runs: uint8 images at `side` -> class probabilities."""
+
+    predict_batch: Callable[[np.ndarray], np.ndarray]
+    class_names: list[str]
+    side: int
+    interpolation: str
+    top_k: int | None = None  # rows list the k most probable classes, not all of them
+
+
+def exported(project: Path) -> Classifier:
+    """The project's exported classifier."""
+    model, card = load_classifier(project)
+    return Classifier(
+        lambda x: np.asarray(model.predict_on_batch(x)),
+        card.class_names,
+        card.image_side,
+        card.interpolation,
+    )
 
 
 def predict_files(
-    paths: list[str], project: Path, out: Path | None, batch_size: int = 32, workers: int = 4
+    paths: list[str],
+    classifier: Classifier,
+    out: Path | None,
+    batch_size: int = 32,
+    workers: int = 4,
 ) -> dict:
     """Predict every file of `paths`; rows to `out` (stdout without), progress on stderr.
     Returns counts and images/s."""
@@ -107,10 +143,9 @@ def predict_files(
     files = expand(paths)
     if not files:
         raise InputError("layerwise predict: no files given (files, folders or globs)")
-    model, card = load_classifier(project)
     jsonl = out is not None and out.suffix in (".jsonl", ".json")
     stream = out.open("w", newline="") if out else sys.stdout
-    rows = Rows(stream, card.class_names, jsonl)
+    rows = Rows(stream, classifier.class_names, jsonl, classifier.top_k)
     batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     done = failed = 0
     start = time.perf_counter()
@@ -124,7 +159,7 @@ def predict_files(
             ahead = deque()
 
             def submit(batch):
-                side, interpolation = card.image_side, card.interpolation
+                side, interpolation = classifier.side, classifier.interpolation
                 ahead.append((batch, [pool.submit(_decode, f, side, interpolation) for f in batch]))
 
             for batch in batches[:2]:
@@ -138,7 +173,7 @@ def predict_files(
                 probs = {}
                 if good:
                     x = np.stack([decoded[i][0] for i in good])
-                    probs = dict(zip(good, np.asarray(model.predict_on_batch(x))))
+                    probs = dict(zip(good, classifier.predict_batch(x)))
                 for i, path in enumerate(batch):
                     rows.write(path, probs.get(i), decoded[i][1])
                 done += len(good)
