@@ -35,6 +35,9 @@ def init(target: Path, images: str, backbone: str, image_size: int | None, weigh
     target = Path(target).resolve()
     if shutil.which("git") is None:
         raise InputError("git is not installed: DVC projects live in git repositories")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{existing} is a file, not a directory; give a new or empty directory")
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target} is not empty; give a new or empty directory")
     yaml = YAML()  # round trip: params.yaml keeps its comments

@@ -1,7 +1,11 @@
 """Stage `train` (one head of the DVC matrix): `python -m pipeline.train --head H` fits the
-head on every layer in train.layers (default: every extracted layer)."""
+head on every layer in train.layers (default: every extracted layer). Under `dvc repro` the
+head comes from the stage's name (DVC_STAGE, `train@H`), never through the shell."""
 
-from pipeline.heads.registry import HEAD_NAMES
+import os
+
+from pipeline.heads.registry import HEAD_NAMES, HeadError, get_head
+from pipeline.project.errors import InputError
 from pipeline.project.params import load_params
 from pipeline.project.provenance import expected_features
 from pipeline.project.stage import run_stage
@@ -10,12 +14,31 @@ from pipeline.selection.params import TrainParams
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--head", required=True, choices=HEAD_NAMES)
+    parser.add_argument("--head", choices=HEAD_NAMES, help="default: the DVC stage's, train@H")
+
+
+def head_of(args) -> str:
+    """--head, else the head in the name of the DVC stage running this command."""
+    if args.head:
+        return args.head
+    stage = os.environ.get("DVC_STAGE", "")
+    _, at, head = stage.partition("train@")
+    if not at:
+        raise InputError(
+            f"which head? give --head ({', '.join(HEAD_NAMES)}) or run `dvc repro train@<head>`"
+        )
+    try:
+        return get_head(head).name
+    except HeadError as exc:
+        raise InputError(
+            f"DVC stage {stage!r}: {exc}; list only these in train.heads and run `dvc repro`"
+        ) from None
 
 
 def main(args) -> None:
+    head = head_of(args)
     params = load_params(TrainParams)
-    train_head(args.head, params.train, expected_features(params))
+    train_head(head, params.train, expected_features(params))
 
 
 if __name__ == "__main__":

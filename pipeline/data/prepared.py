@@ -4,8 +4,8 @@ manifest's files decoded on demand and checked against the sha256 prepare listed
 
 from __future__ import annotations
 
+import csv
 import hashlib
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.data.arrays import NpyRows
 from pipeline.data.decoding import DataError, decode_bytes
-from pipeline.data.files import tree
+from pipeline.data.files import read_sha256sum, tree
 from pipeline.project.layout import Layout, PreparedFiles
 from pipeline.project.records import PreparedRecord
 
@@ -25,7 +25,7 @@ class FileRows:
 
     def __init__(self, listing: Path, root: str, size: int, interpolation: str, workers: int):
         self.path, self.root = Path(listing), root
-        entries = [line.split("  ", 1) for line in self.path.read_text().splitlines()]
+        entries = read_sha256sum(self.path.read_text())
         self.sha256, self.files = [e[0] for e in entries], [e[1] for e in entries]
         self.shape, self.dtype = (len(entries), size, size, 3), np.dtype(np.uint8)
         self.interpolation, self.workers = interpolation, workers
@@ -111,17 +111,10 @@ def load_split(
 
 def split_sources(files: PreparedFiles, split: str) -> list[str]:
     """Each image's source in `split` (a file under data.path, or the data set and its index),
-    in the split's order. manifest.csv rows are `split,index,label,<source as
-    JSON>`: the label may hold commas, so the source is the first JSON string that parses."""
+    in the split's order, from manifest.csv (CSV, every text field quoted)."""
     found = {}
-    for line in files.manifest.read_text().splitlines()[1:]:
-        row_split, index, rest = line.split(",", 2)
-        if row_split != split:
-            continue
-        for k in (i for i, c in enumerate(rest) if c == "," and rest[i + 1 : i + 2] == '"'):
-            try:
-                found[int(index)] = json.loads(rest[k + 1 :])
-                break
-            except ValueError:
-                continue
+    with files.manifest.open(newline="") as f:
+        for row_split, index, _, source in list(csv.reader(f))[1:]:
+            if row_split == split:
+                found[int(index)] = source
     return [found.get(i, "?") for i in range(len(found))]

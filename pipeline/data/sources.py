@@ -155,6 +155,53 @@ def keras_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
     return KERAS_SETS[cfg.source], _limit(splits, cfg.limit, cfg.seed)
 
 
+# A folder of data.path whose name (any case) is one of these makes the layout a split one.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+@dataclass
+class FolderListing:
+    """What a folder source gives: class names, splits, and the entries of data.path left
+    out (a dangling link, a symlink loop, ...) as report rows {path, split, reason}."""
+
+    class_names: list[str]
+    splits: dict[str, Split]
+    skipped: list[dict] = field(default_factory=list)
+
+
+def split_folders(shown: str, folders: list[str]) -> dict[str, str] | None:
+    """{split: its folder} of a split layout, or None for a flat one (no folder at the top is
+    train, val, validation or test in any case). A split layout holds nothing else at the
+    top, one folder per split, and train."""
+    top = [d for d in folders if "/" not in d]
+    named: dict[str, list[str]] = {}
+    for d in top:
+        if d.lower() in SPLIT_FOLDERS:
+            named.setdefault(SPLIT_FOLDERS[d.lower()], []).append(d)
+    if not named:
+        return None
+    accepted = "a split layout holds train/, val/ (or validation/) and test/, in any case"
+    for split, both in named.items():
+        if len(both) > 1:
+            raise DataError(
+                f"{shown}: {' and '.join(f'{d}/' for d in both)} both name the {split} split; "
+                f"{accepted}, one folder each: merge them or move one out of data.path"
+            )
+    other = [d for d in top if d.lower() not in SPLIT_FOLDERS]
+    if other:
+        raise DataError(
+            f"{shown}: {', '.join(f'{d}/' for d in other)} is not a split folder, beside "
+            f"{', '.join(f'{d[0]}/' for d in named.values())}; {accepted} (class folders "
+            "inside): move it into one of them or out of data.path"
+        )
+    if "train" not in named:
+        raise DataError(
+            f"{shown}: {', '.join(f'{d[0]}/' for d in named.values())} but no train/; "
+            f"{accepted}: add train/, or give class folders only (a flat layout)"
+        )
+    return {split: d[0] for split, d in named.items()}
+
+
 def _class_files(prefix: str, folders: list[str], files: list[str]) -> dict[str, list[str]]:
     """Class folder name -> the files anywhere below it, for the class folders in `prefix`."""
     base = f"{prefix}/" if prefix else ""
@@ -172,27 +219,22 @@ def _class_files(prefix: str, folders: list[str], files: list[str]) -> dict[str,
 def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
     """A directory of class folders, flat or with train/ [val/|validation/] [test/] inside;
     a local or shared path, or a URI that pyarrow reads (data.files)."""
-    root = tree(cfg.path)
+    found = folder_listing(cfg)
+    return found.class_names, found.splits
+
+
+def folder_listing(cfg: DataConfig) -> FolderListing:
+    """folder_source's classes and splits, with the entries its listing left out."""
+    root = tree(cfg.path, cfg.timeout_s)
     if not root.is_dir():
         raise DataError(f"data.path={cfg.path!r} is not a directory")
-    dirs, listing = root.walk()
-    names = [name for name, _, _ in listing]
-    sub = {d.lower(): d for d in dirs if "/" not in d}
-    presplit = "train" in sub
-    if presplit:
-        folders = {
-            "train": sub["train"],
-            "val": sub.get("val", sub.get("validation")),
-            "test": sub.get("test"),
-        }
-    else:
-        folders = {"all": ""}
-    shown = {
-        name: f"{cfg.path.rstrip('/')}/{d}".rstrip("/")
-        for name, d in folders.items()
-        if d is not None
-    }
-    files = {name: _class_files(d, dirs, names) for name, d in folders.items() if d is not None}
+    listing = root.walk()
+    dirs, names = listing.folders, [name for name, _, _ in listing.files]
+    skipped = [{"path": name, "split": None, "reason": why} for name, why in listing.skipped]
+    folders = split_folders(cfg.path, dirs) or {"all": ""}
+    presplit = "train" in folders
+    shown = {name: f"{cfg.path.rstrip('/')}/{d}".rstrip("/") for name, d in folders.items()}
+    files = {name: _class_files(d, dirs, names) for name, d in folders.items()}
     first = files["train" if presplit else "all"]
     class_names = sorted(first)
     if len(class_names) < 2:
@@ -224,9 +266,8 @@ def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
         everything = pool(files["all"])
         if cfg.limit:
             everything = take(everything, subsample(everything.labels, cfg.limit, cfg.seed))
-        return class_names, {
-            k: take(everything, i) for k, i in split_indices(everything.labels, cfg).items()
-        }
+        splits = {k: take(everything, i) for k, i in split_indices(everything.labels, cfg).items()}
+        return FolderListing(class_names, splits, skipped)
     splits = {name: pool(files[name]) for name in files}
     train = splits["train"]
     idx = np.arange(len(train.labels))
@@ -240,29 +281,38 @@ def folder_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
         idx, val = _stratified(idx, train.labels, share, cfg.seed, "val")
         splits["val"] = take(train, np.sort(val))
     splits["train"] = take(train, np.sort(idx))
-    return class_names, _limit({k: splits[k] for k in SPLITS}, cfg.limit, cfg.seed)
+    limited = _limit({k: splits[k] for k in SPLITS}, cfg.limit, cfg.seed)
+    return FolderListing(class_names, limited, skipped)
 
 
 def source_record(cfg: DataConfig) -> SourceRecord:
     """The source's identity; for a folder, a digest of every file's path, length and mtime
-    (as rsync and DVC judge a file unchanged), so adding, removing or editing one shows."""
+    (as rsync and DVC judge a file unchanged) and of every entry left out, so adding,
+    removing, editing or mending one shows."""
     if cfg.source != "folder":
         return SourceRecord(source=cfg.source, path=None, files=0, files_sha256="")
-    root = tree(cfg.path)
+    root = tree(cfg.path, cfg.timeout_s)
     if not root.is_dir():
         raise DataError(
             f"data.path={cfg.path!r} is not a directory; give a folder of class folders"
         )
-    h, count = hashlib.sha256(), 0
-    for name, length, mtime_ns in root.walk()[1]:
+    listing, h = root.walk(), hashlib.sha256()
+    for name, length, mtime_ns in listing.files:
         h.update(f"{name}\0{length}\0{mtime_ns}\n".encode())
-        count += 1
-    return SourceRecord(source="folder", path=cfg.path, files=count, files_sha256=h.hexdigest())
+    for name, reason in listing.skipped:
+        h.update(f"{name}\0skipped\0{reason}\n".encode())
+    return SourceRecord(
+        source="folder", path=cfg.path, files=len(listing.files), files_sha256=h.hexdigest()
+    )
+
+
+def load(cfg: DataConfig) -> FolderListing:
+    """The source's classes and splits (and, for a folder, what its listing left out)."""
+    if cfg.source == "folder":
+        return folder_listing(cfg)
+    return FolderListing(*(digits_source(cfg) if cfg.source == "digits" else keras_source(cfg)))
 
 
 def load_source(cfg: DataConfig) -> tuple[list[str], dict[str, Split]]:
-    if cfg.source == "digits":
-        return digits_source(cfg)
-    if cfg.source == "folder":
-        return folder_source(cfg)
-    return keras_source(cfg)
+    found = load(cfg)
+    return found.class_names, found.splits

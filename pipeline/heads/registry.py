@@ -8,42 +8,42 @@ Adding a head is one entry here plus its fit code (heads.estimators for a scikit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from pipeline.project.errors import InputError
-from pipeline.project.params import Section
+from pipeline.project.params import MAX_BATCH, Section, integer, real
 from pipeline.project.records import HeadKind
 
 
 class LogregConfig(Section):
-    C: float = Field(1.0, gt=0)
-    max_iter: int = Field(1000, ge=1)
+    C: float = real(1.0, gt=0)
+    max_iter: int = integer(1000, ge=1)
 
 
 class LinearSvmConfig(Section):
-    C: float = Field(1.0, gt=0)
-    max_iter: int = Field(5000, ge=1)
+    C: float = real(1.0, gt=0)
+    max_iter: int = integer(5000, ge=1)
 
 
 class KnnConfig(Section):
-    n_neighbors: int = Field(5, ge=1)
+    n_neighbors: int = integer(5, ge=1)
     weights: Literal["uniform", "distance"] = "distance"
 
 
 class RandomForestConfig(Section):
-    n_estimators: int = Field(200, ge=1)
-    max_depth: int | None = Field(None, ge=1)
+    n_estimators: int = integer(200, ge=1)
+    max_depth: int | None = integer(None, ge=1)
 
 
 class DenseConfig(Section):
-    hidden: list[int] = [256]
-    dropout: float = Field(0.5, ge=0, lt=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    epochs: int = Field(50, ge=1)
-    patience: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1)
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_BATCH, strict=True)]] = [256]  # units per layer
+    dropout: float = real(0.5, ge=0, lt=1)
+    learning_rate: float = real(1e-3, gt=0)
+    epochs: int = integer(50, ge=1)
+    patience: int = integer(5, ge=1)
+    batch_size: int = integer(64, ge=1, le=MAX_BATCH)
 
 
 @dataclass(frozen=True)

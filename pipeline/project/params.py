@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -30,6 +29,11 @@ from pipeline.project.errors import InputError
 # Layer names become output paths (models/heads/<head>/<layer>-<head>): one plain component.
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WEIGHTS_KEYWORDS = ("auto", "imagenet", "preset", "random")
+# Bounds far past any real run: a value beyond one is a typo, refused before any work.
+MAX_COUNT = 1 << 31  # images, iterations, epochs, trees, neighbours
+MAX_BATCH = 1 << 16
+MAX_MB = 1 << 24  # 16 TiB
+MAX_SEED = 2**32 - 1  # what numpy and scikit-learn accept
 
 
 class ConfigError(InputError, ValueError):
@@ -52,6 +56,16 @@ def _layer_name(layer: str) -> str:
 LayerName = Annotated[str, AfterValidator(_layer_name)]
 
 
+def integer(default: int | None, *, ge: int, le: int = MAX_COUNT) -> Any:
+    """A bounded int param, strict: `true` is not 1 and `2.0` is not 2."""
+    return Field(default, ge=ge, le=le, strict=True)
+
+
+def real(default: float | None, **bounds: float) -> Any:
+    """A finite float param, strict: an int passes, `true` and strings do not."""
+    return Field(default, strict=True, allow_inf_nan=False, **bounds)
+
+
 def weights_problem(weights: str) -> str | None:
     """Why `backbone.weights` names neither a keyword nor an existing file or folder, or None."""
     if weights in WEIGHTS_KEYWORDS or Path(weights).exists():
@@ -66,21 +80,26 @@ def weights_problem(weights: str) -> str | None:
 class DataConfig(Section):
     source: Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder"] = "digits"
     path: str | None = None
-    image_size: int = Field(224, ge=8, le=1024)
+    image_size: int = integer(224, ge=8, le=1024)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = (
         "bilinear"
     )
-    limit: int | None = Field(None, ge=2)
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    seed: int = 0
+    limit: int | None = integer(None, ge=2)
+    val_fraction: float = real(0.2, gt=0, lt=1)
+    test_fraction: float = real(0.2, gt=0, lt=1)
+    seed: int = integer(0, ge=0, le=MAX_SEED)
     on_bad_image: Literal["skip", "fail"] = "skip"
-    decode_workers: int | None = Field(None, ge=1)  # None: every core; not in the provenance
+    # None: every core; not in the provenance
+    decode_workers: int | None = integer(None, ge=1, le=4096)
     prepared: Literal["arrays", "manifest"] = "arrays"  # manifest: extract decodes the files
+    # byte-identical files in two splits: warn (count and first pairs) | fail
+    on_duplicate: Literal["warn", "fail"] = "warn"
+    timeout_s: float = real(60.0, gt=0, le=86400)  # deadline of each call to a URI's filesystem
 
     def provenance(self) -> dict:
-        """The params that decide the prepared arrays (not how many threads decode them)."""
-        return self.model_dump(mode="json", exclude={"decode_workers"})
+        """The params that decide the prepared arrays (not how many threads decode them, how
+        long a URI may take to answer, or whether duplicates stop prepare)."""
+        return self.model_dump(mode="json", exclude={"decode_workers", "on_duplicate", "timeout_s"})
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -113,15 +132,17 @@ class BackboneConfig(Section):
 
 class RayConfig(Section):
     address: str | None = None  # None: start Ray on this host; "auto" or ray://host:10001: join
-    actors: int = Field(1, ge=1)  # backbone replicas, each with one compiled model
-    gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 if the cluster has GPUs, else 0
-    cpus_per_actor: float = Field(1, gt=0)
+    actors: int = integer(1, ge=1, le=4096)  # backbone replicas, each with one compiled model
+    # None: 1 if the cluster has GPUs, else 0
+    gpus_per_actor: float | None = real(None, ge=0, le=4096)
+    cpus_per_actor: float = real(1, gt=0, le=4096)
 
 
 class ExtractConfig(Section):
     layers: Literal["auto"] | dict[str, str] = "auto"  # auto: the backbone's own
-    batch_size: int = Field(32, ge=1)
-    memory_mb: int = Field(512, ge=16)  # images and outputs in flight; not in the fingerprint
+    batch_size: int = integer(32, ge=1, le=MAX_BATCH)
+    # images and outputs in flight; not in the fingerprint
+    memory_mb: int = integer(512, ge=16, le=MAX_MB)
     storage_dtype: Literal["float16", "float32"] = "float16"
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
     engine: Literal["local", "ray"] = "local"  # ray: Ray Data on a cluster (extra `ray`)
@@ -187,13 +208,26 @@ def validate(model: type[Model], raw: dict | None) -> Model:
         raise ConfigError("invalid params.yaml: " + "; ".join(lines)) from None
 
 
+def parse_yaml(text: str, path: str | Path = "params.yaml"):
+    """`text` read as DVC reads params.yaml (ruamel.yaml, YAML 1.2: `010` is 10, `yes` a
+    string), so that the stages and DVC's change tracking see the same values."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from None
+
+
 def read_params(path: str | Path = "params.yaml") -> dict:
     """params.yaml as a mapping of sections."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root, where params.yaml lives")
-    with path.open() as f:
-        raw = yaml.safe_load(f)
+    raw = parse_yaml(path.read_text(), path)
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
     return raw or {}

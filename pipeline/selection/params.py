@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, create_model, field_validator
+from pydantic import create_model, field_validator
 
 from pipeline.heads.registry import HEAD_NAMES, HEADS, HeadName
-from pipeline.project.params import LayerName, Section, Shared
+from pipeline.project.params import MAX_MB, MAX_SEED, LayerName, Section, Shared, integer
 
 
 class CvConfig(Section):
     """Choose layer and head by stratified k-fold cross-validation over train+val."""
 
-    folds: int = Field(5, ge=0)  # 0: never (rank on the val split alone)
-    when_val_under: int = Field(500, ge=0)  # applies when the val split has fewer images
+    folds: int = integer(5, ge=0)  # 0: never (rank on the val split alone)
+    when_val_under: int = integer(500, ge=0)  # applies when the val split has fewer images
 
     @field_validator("folds")
     @classmethod
@@ -40,8 +40,8 @@ def _unique(name: str, items: list) -> list:
 class _Train(Section):
     layers: list[LayerName] | None = None  # None: every extracted layer
     heads: list[HeadName] = list(HEAD_NAMES)
-    seed: int = 0
-    max_memory_mb: int = Field(2048, ge=1)
+    seed: int = integer(0, ge=0, le=MAX_SEED)
+    max_memory_mb: int = integer(2048, ge=1, le=MAX_MB)
     cv: CvConfig = CvConfig()
 
     @field_validator("layers")
