@@ -225,9 +225,13 @@ def test_weights_file_of_another_model_is_refused(tmp_path):
 # ---------------------------------------------------------------- imagenet and auto, offline
 
 
-def test_imagenet_offline_fails_with_a_clear_message(offline):
+def test_imagenet_offline_fails_with_a_clear_message(offline, monkeypatch, capsys):
+    from pipeline.backbones import keras_apps
+
+    monkeypatch.setattr(keras_apps, "IMAGENET_HOST", "weights.invalid")  # RFC 2606
     with pytest.raises(BackboneError) as info:
         load_backbone(resolved("vgg16", ["block5_pool"], weights="imagenet"), ["block5_pool"])
+    assert "Downloading" not in capsys.readouterr().out
     message = str(info.value)
     assert "could not load ImageNet weights for vgg16" in message
     assert "~/.keras/models" in message and "weights: random or auto" in message

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import socket
 import threading
@@ -142,8 +143,12 @@ def load_backbone(backbone: BackboneRecord, layers: list[str]):
         )
         model, used = made(None), "random"
     elif weights in ("imagenet", "auto"):
+        # offline, a file Keras has cached loads; else its "Downloading data from" line would
+        # precede the failure
+        quiet = io.StringIO() if not reachable(IMAGENET_HOST) else None
         try:
-            model, used = made("imagenet"), "imagenet"
+            with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+                model, used = made("imagenet"), "imagenet"
         except Exception as exc:  # keras raises a bare Exception on a failed download
             if weights == "imagenet":
                 raise BackboneError(
