@@ -1,5 +1,6 @@
 """Stage `extract`: one pass of the frozen backbone, every requested layer into features/."""
 
+import contextlib
 import functools
 
 from pipeline.data.decoding import decode_workers
@@ -18,47 +19,53 @@ def main(_) -> None:
     expected = expected_features(params, prepared, layout)
     # Keras after the checks above, so that a stale or missing input is reported in a moment
     from pipeline.features.extractor import build_extractor
-    from pipeline.features.forward import distribute_over_devices
+    from pipeline.features.forward import batch_within, distribute_over_devices
     from pipeline.features.job import extract_all, versions
     from pipeline.features.precision import use_precision
 
-    precision = use_precision(ex.precision)
-    devices = distribute_over_devices(ex.batch_size)
-    model, weights_used = build_extractor(backbone)
-    if backbone.identity.startswith(("file:", "folder:")) and weights_used != backbone.identity:
-        raise RecordError(
-            f"backbone.weights {backbone.weights} changed after `scan` read it: run `dvc repro`"
-        )
-    print(
-        f"backbone {backbone.name}, weights: {short(weights_used)}, layers: {backbone.layers}, "
-        f"devices: {devices}, precision: {precision}"
-    )
-    fingerprint = Fingerprint(
-        **expected,
-        weights_used=weights_used,
-        precision=precision,
-        image_size=prepared.image_size,
-        versions=versions(),
-    )
-    run = functools.partial(
-        extract_all,
-        model,
-        prepared,
-        fingerprint,
-        ex.batch_size,
-        ex.memory_mb,
-        decode_workers=decode_workers(params.data),
-        layout=layout,
-    )
-    if ex.engine == "ray":
-        from pipeline.features.ray_engine import RayEngine, ray_session, worker_env
+    with contextlib.ExitStack() as session:
+        if ex.engine == "ray":  # joined first: an unreachable or too small cluster fails fast
+            from pipeline.features.ray_engine import RayEngine, ray_session, worker_env
 
-        with ray_session(ex.ray, worker_env()) as ray:
+            ray = session.enter_context(ray_session(ex.ray, worker_env()))
             have = ray.cluster_resources()
             print(f"ray: {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs")
-            run(engine=RayEngine(backbone, ex, precision, weights_used))
-    else:
-        run()
+        precision = use_precision(ex.precision)
+        devices = distribute_over_devices(ex.batch_size)
+        model, weights_used = build_extractor(backbone)
+        if backbone.identity.startswith(("file:", "folder:")) and weights_used != backbone.identity:
+            raise RecordError(
+                f"backbone.weights {backbone.weights} changed after `scan` read it: run `dvc repro`"
+            )
+        batch, clipped = batch_within(model, ex.batch_size, ex.memory_mb, devices)
+        print(
+            f"backbone {backbone.name}, weights: {short(weights_used)}, layers: {backbone.layers}"
+            f", devices: {devices}, precision: {precision}"
+        )
+        if clipped:
+            print(clipped)
+        fingerprint = Fingerprint(
+            **expected,
+            weights_used=weights_used,
+            precision=precision,
+            image_size=prepared.image_size,
+            versions=versions(),
+        )
+        run = functools.partial(
+            extract_all,
+            model,
+            prepared,
+            fingerprint,
+            batch,
+            ex.memory_mb,
+            decode_workers=decode_workers(params.data),
+            layout=layout,
+        )
+        if ex.engine == "ray":
+            within = ex.model_copy(update={"batch_size": batch})
+            run(engine=RayEngine(backbone, within, precision, weights_used))
+        else:
+            run()
     print(f"wrote {layout.features}/{{train,val,test}}.h5")
 
 

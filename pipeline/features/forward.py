@@ -90,6 +90,47 @@ class Forward:
         return [np.concatenate(p) for p in zip(*self.stream(batches))]
 
 
+def peak_bytes(model: keras.Model) -> int:
+    """Bytes one image holds at the forward pass's peak: the largest inputs plus output of
+    any one layer (nested models' layers included), which is what TensorFlow's memory grows
+    by per image of a batch. Tensors of unknown shape count as nothing."""
+
+    def size(tensor) -> int:
+        dims = tensor.shape[1:]
+        if any(d is None for d in dims):
+            return 0
+        itemsize = 2 if tensor.dtype == "bfloat16" else np.dtype(tensor.dtype).itemsize
+        return int(np.prod(dims, dtype=np.int64)) * itemsize
+
+    def peak(layer) -> int:
+        if isinstance(layer, keras.Model):
+            return max((peak(inner) for inner in layer.layers), default=0)
+        try:
+            tensors = keras.tree.flatten([layer.input, layer.output])
+        except (AttributeError, ValueError):  # a layer never called in the graph
+            return 0
+        return sum(size(t) for t in tensors if hasattr(t, "shape"))
+
+    return max(1, peak(model))
+
+
+def batch_within(
+    model: keras.Model, batch_size: int, memory_mb: int, devices: int = 1
+) -> tuple[int, str]:
+    """(the batch the forward pass runs, a line saying why when it is not `batch_size`):
+    at most what fits in `memory_mb` (peak_bytes per image), a multiple of `devices`, and
+    at least one image per device."""
+    per_image = peak_bytes(model)
+    fits = max(1, memory_mb * 2**20 // (per_image * devices)) * devices
+    if batch_size <= fits:
+        return batch_size, ""
+    return fits, (
+        f"extract.batch_size {batch_size} runs as batches of {fits}: the forward pass holds "
+        f"{per_image / 2**20:.2f} MB per image at its largest layer, and extract.memory_mb is "
+        f"{memory_mb}; raise memory_mb for larger batches"
+    )
+
+
 @functools.lru_cache(maxsize=4)
 def forward_for(model: keras.Model, batch_size: int, out_dtype: str = "float32") -> Forward:
     """One compiled Forward per model and batch shape, shared by every split."""

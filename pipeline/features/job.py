@@ -8,6 +8,7 @@ other fingerprints (abandoned runs) are removed when no run holds them.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from pipeline.data.decoding import DataError
 from pipeline.data.prepared import load_split
 from pipeline.features import store
 from pipeline.features.forward import forward_for
@@ -62,6 +64,23 @@ def remove_abandoned(scratch_root: Path, keep: str) -> None:
             continue
 
 
+def unreadable(exc: OSError) -> DataError:
+    """An image file (or prepared array) that cannot be read any more, as one line."""
+    what = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+    return DataError(
+        f"cannot read {what}, which prepare listed: restore it, or run `dvc repro prepare` "
+        "to list the images there are now"
+    )
+
+
+def read_rows(images, first: int, stop: int) -> np.ndarray:
+    """Rows first..stop-1 of `images`; a file gone or unreadable since prepare is a DataError."""
+    try:
+        return np.asarray(images[first:stop])
+    except OSError as exc:
+        raise unreadable(exc) from None
+
+
 class LocalEngine:
     """The forward pass in this process; the stream's reader thread reads (or, for a
     manifest, decodes) the images."""
@@ -70,9 +89,8 @@ class LocalEngine:
         self.forward = forward_for(model, batch_size, storage_dtype)
 
     def stream(self, images, rows: range, write, budget: Budget, progress) -> None:
-        run_stream(
-            lambda i, j: np.asarray(images[i:j]), rows, self.forward.stream, write, budget, progress
-        )
+        read = functools.partial(read_rows, images)
+        run_stream(read, rows, self.forward.stream, write, budget, progress)
 
 
 def extract_split(

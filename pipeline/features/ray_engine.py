@@ -10,19 +10,28 @@ local engine's to float rounding: a CPU actor may sum in another order).
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.arrays import NpyRows
 from pipeline.data.prepared import FileRows, decode_listed
+from pipeline.features.job import unreadable
 from pipeline.features.stream import Budget, run_stream
-from pipeline.project.errors import InputError
+from pipeline.project.errors import ClusterError, InputError
 from pipeline.project.params import ConfigError, ExtractConfig, RayConfig
 from pipeline.project.records import BackboneRecord
 
@@ -33,33 +42,264 @@ MISSING = (
 )
 
 
+READ_CPUS = 1  # the CPU the tasks that read images need beside the actors (or none run)
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+_ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
+
+
 @contextmanager
 def ray_session(cfg: RayConfig, env: dict[str, str]):
-    """Ray joined at cfg.address (None: started on this host, stopped on exit), with this
-    package and `env` sent to every worker; Ray's own logs and progress bars kept quiet."""
+    """Ray joined at cfg.address (None: started on this host, stopped on exit with every
+    process it started, also on SIGTERM or Ctrl-C), with this package and `env` sent to every
+    worker; Ray's own logs and progress bars kept quiet. Joining, and the actors starting,
+    wait cfg.timeout_s at most; a cluster without the resources the actors need is refused
+    before any wait."""
+    joining = cfg.address not in (None, "local")
+    if joining:
+        _host_port(cfg.address)  # a ConfigError before Ray is imported
+    with _join_deadline(cfg.timeout_s) if joining else nullcontext():
+        try:
+            import ray
+            import ray.data
+        except ImportError:
+            raise ConfigError(MISSING) from None
+        started = not ray.is_initialized()  # else: the caller's own session
+        if started:
+            before = {p.pid for p in _descendants()}
+            _start(ray, cfg, env, joining, before)
+    if not started:
+        yield _configured(ray, cfg)
+        return
+    with _python_sigterm():
+        try:
+            yield _configured(ray, cfg)
+        finally:
+            _stop(ray, before)
+
+
+def _start(ray, cfg: RayConfig, env: dict[str, str], joining: bool, before: set[int]) -> None:
+    """ray.init; on an error or a signal, what Ray started so far is stopped, and what was
+    not reachable is one ClusterError."""
     try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise ConfigError(MISSING) from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(
-            address=cfg.address,
-            runtime_env={"py_modules": [str(PACKAGE)], "env_vars": env},
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-        )
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+        target = _host_port(cfg.address) if joining else None
+        if target:
+            _probe(ray, cfg, *target)
+        with _held_stderr() if joining else nullcontext(io.StringIO()) as held:
+            ray.init(
+                address=cfg.address,
+                runtime_env={"py_modules": [str(PACKAGE)], "env_vars": env},
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+        sys.stderr.write(held.getvalue())  # Ray's warnings, once it has joined
+    except BaseException as exc:
+        _stop(ray, before, wait_s=0)
+        if isinstance(exc, (InputError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise _not_joined(cfg, exc) from None
+
+
+def _configured(ray, cfg: RayConfig):
+    """`ray` with Ray Data set up for the extract stream, once the cluster is known to have
+    what the actors need."""
+    # errors reach this process as exceptions: the stage says them in one line
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
+    context.wait_for_min_actors_s = max(1, math.ceil(cfg.timeout_s))
+    _require(cfg, ray.cluster_resources(), [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    return ray
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a host:port or ray://host:port address, None for `auto` and `local`;
+    anything else is a ConfigError."""
+    if address in ("auto", "local"):
+        return None
+    match = _ADDRESS.match(address)
+    if not match or not 0 < int(match[2]) < 65536:
+        raise ConfigError(
+            f"extract.ray.address {address!r} is not a Ray address: give host:port of the "
+            "cluster's head (what `ray start --head` prints, e.g. 10.0.0.5:6379), "
+            "ray://host:10001 (Ray Client), auto (the cluster this host runs, or $RAY_ADDRESS), "
+            "or null to start Ray on this host"
+        )
+    return match[1].strip("[]"), int(match[2])
+
+
+def _probe(ray, cfg: RayConfig, host: str, port: int) -> None:
+    """Fail at once, in one line, when nothing listens at host:port."""
+    if host in LOCAL_HOSTS and not cfg.address.startswith("ray://"):
+        host = ray.util.get_node_ip_address()  # where Ray itself connects for localhost
     try:
-        yield ray
+        socket.create_connection((host, port), timeout=cfg.timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or "no answer"
+        raise ClusterError(
+            f"extract.ray.address {cfg.address!r}: nothing answers at {host}:{port} "
+            f"({reason}, extract.ray.timeout_s={cfg.timeout_s:g}); start the cluster there "
+            "(`ray start --head`), correct the address, or set it to null to start Ray on "
+            "this host"
+        ) from None
+
+
+def _not_joined(cfg: RayConfig, exc: BaseException) -> ClusterError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if cfg.address in (None, "local"):
+        return ClusterError(f"Ray did not start on this host ({first}); run `ray stop` and retry")
+    return ClusterError(
+        f"extract.ray.address {cfg.address!r}: no Ray cluster answered there within "
+        f"extract.ray.timeout_s={cfg.timeout_s:g} s ({first}); give the address of a running "
+        "cluster of this Ray version (host:6379, or ray://host:10001), raise timeout_s, or "
+        "set address: null to start Ray on this host"
+    )
+
+
+@contextmanager
+def _join_deadline(timeout_s: float):
+    """Ray's connection timeouts within `timeout_s` while joining (unless set already in the
+    environment). Ray reads most of them once, on import: they hold for a first import."""
+    rpc = min(5, max(1, int(timeout_s // 4)))
+    gcs = min(30, max(1, int(timeout_s // 2)))
+    deadline = {
+        "RAY_gcs_rpc_server_connect_timeout_s": rpc,
+        "RAY_py_gcs_connect_timeout_s": gcs,
+        "RAY_gcs_server_port_wait_time_s": max(1, int(timeout_s // (2 * rpc + gcs + 1))),
+        # Ray Client's 3 tries wait up to t, 2t and 4t, and as long again between them
+        "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": min(30, max(1, int(timeout_s // 14))),
+    }
+    saved = {key: os.environ.get(key) for key in deadline}
+    for key, value in deadline.items():
+        os.environ.setdefault(key, str(value))
+    try:
+        yield
     finally:
-        if started:
-            ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def _held_stderr():
+    """What is written to file descriptor 2 (Ray's C++ core writes its retries there) held,
+    in the StringIO this yields once the block succeeds; dropped when it raises."""
+    held = io.StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        file.seek(0)
+        held.write(file.read().decode(errors="replace"))
+
+
+def _require(cfg: RayConfig, have: dict, nodes: list[dict]) -> None:
+    """A ClusterError unless the cluster has the CPUs and GPUs the actors and the reading
+    tasks need, and a node as large as one actor: Ray Data would wait for them forever."""
+    gpus = actor_gpus(cfg, have)
+    cpus, all_gpus = cfg.actors * cfg.cpus_per_actor + READ_CPUS, cfg.actors * gpus
+    fits = any(n.get("CPU", 0) >= cfg.cpus_per_actor and n.get("GPU", 0) >= gpus for n in nodes)
+    if have.get("CPU", 0) >= cpus and have.get("GPU", 0) >= all_gpus and fits:
+        return
+    where = "started on this host" if cfg.address in (None, "local") else f"at {cfg.address}"
+    raise ClusterError(
+        f"extract.ray needs {cpus:g} CPUs and {all_gpus:g} GPUs in all (actors: {cfg.actors}, "
+        f"each with {cfg.cpus_per_actor:g} CPUs and {gpus:g} GPUs on one node, and "
+        f"{READ_CPUS} CPU to read images); the Ray cluster {where} has "
+        f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs on {len(nodes)} node(s): "
+        "lower extract.ray.actors, cpus_per_actor or gpus_per_actor (null: 1 when the cluster "
+        "has GPUs, else 0), or join a larger cluster (extract.ray.address)"
+    )
+
+
+def actor_gpus(cfg: RayConfig, have: dict) -> float:
+    """GPUs per actor: extract.ray.gpus_per_actor, or (null) 1 when the cluster has GPUs."""
+    if cfg.gpus_per_actor is not None:
+        return cfg.gpus_per_actor
+    return 1 if have.get("GPU", 0) > 0 else 0
+
+
+def _descendants() -> list:
+    import psutil  # a dependency of Ray (and of DVC)
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _stop(ray, before: set[int], wait_s: float = 2) -> None:
+    """ray.shutdown(), then the processes Ray started killed if they outlive it by `wait_s`
+    (the raylet's agents take a minute to notice a raylet that died with this process).
+    `wait_s=0`: killed first, for a Ray that did not finish starting."""
+    import psutil
+
+    with _signals_deferred():
+        ours = [p for p in _descendants() if p.pid not in before and _is_ray(p)]
+        if wait_s:
+            with suppress(Exception):  # what is left is killed below
+                ray.shutdown()
+        _, alive = psutil.wait_procs(ours, timeout=wait_s)
+        for process in alive:
+            with suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=2)
+        if not wait_s:
+            with suppress(Exception):
+                ray.shutdown()
+
+
+def _is_ray(process) -> bool:
+    import psutil
+
+    try:
+        return "ray" in " ".join([process.name(), *process.cmdline()])
+    except psutil.Error:
+        return False
+
+
+@contextmanager
+def _python_sigterm():
+    """SIGTERM raises SystemExit here again: Ray's core installs a handler of its own that
+    prints a stack and aborts, so that no `finally` would stop Ray's processes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda number, _: sys.exit(128 + number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM held while Ray is stopped, then delivered: a second Ctrl-C does
+    not leave Ray's processes behind."""
+    caught: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():  # else: no Python handlers
+        kinds = tuple(kind for kind in kinds if signal.getsignal(kind) is not None)
+    else:
+        kinds = ()
+    saved = {kind: signal.signal(kind, lambda number, _: caught.append(number)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in saved.items():
+            signal.signal(kind, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 class RayEngine:
@@ -98,13 +338,27 @@ class RayEngine:
                 budget,
                 progress,
             )
-        except BaseException:
+        except BaseException as exc:
             self._results.close()  # stops the dataset: Ray cannot shut down under it
             self.plan([])
+            import ray.exceptions
+
+            if isinstance(exc, ray.exceptions.GetTimeoutError):  # the actor pool's start
+                raise self._late() from None
             raise
         self._next += 1
         if self._next == len(self._jobs):
             self.plan([])
+
+    def _late(self) -> ClusterError:
+        cfg = self.cfg.ray
+        return ClusterError(
+            f"the Ray actors (extract.ray.actors: {cfg.actors}) did not start within "
+            f"extract.ray.timeout_s={cfg.timeout_s:g} s (each starts a worker and builds the "
+            "backbone; the cluster "
+            "may be busy, or still adding nodes): raise extract.ray.timeout_s, or lower "
+            "extract.ray.actors"
+        )
 
     def _outputs(self, job: int, ranges: list[tuple[int, int]]) -> Iterator[list[np.ndarray]]:
         for first, _ in ranges:
@@ -126,9 +380,7 @@ class RayEngine:
             readers.append(read)
             items.extend({"job": job, **item} for item in job_items)
         cfg = self.cfg.ray
-        gpus = cfg.gpus_per_actor
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = actor_gpus(cfg, ray.cluster_resources())
         limits = ray.data.DataContext.get_current().execution_options
         limits.resource_limits = limits.resource_limits.copy(
             object_store_memory=self.cfg.memory_mb * 2**20
@@ -180,9 +432,10 @@ def _reader(images, ranges: list[tuple[int, int]]) -> tuple[Callable, list[dict]
             files, digests = list(item["files"]), list(item["sha256"])
             try:
                 decoded = decode_listed(root, files, digests, size, interpolation, 1)
-            except InputError as exc:
+            except (InputError, OSError) as exc:
+                error = unreadable(exc) if isinstance(exc, OSError) else exc
                 empty = np.zeros((0, size, size, 3), np.uint8)
-                return {"first": item["first"], "images": empty, "error": str(exc)}
+                return {"first": item["first"], "images": empty, "error": str(error)}
             return {"first": item["first"], "images": decoded, "error": ""}
 
         items = [

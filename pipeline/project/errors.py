@@ -15,3 +15,7 @@ class InputError(Exception):
 
 class BackboneError(InputError, ValueError):
     """A backbone, layer or weights request that cannot be met."""
+
+
+class ClusterError(InputError):
+    """A Ray cluster that cannot be reached in time, or that lacks what extract.ray asks for."""

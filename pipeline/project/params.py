@@ -136,6 +136,8 @@ class RayConfig(Section):
     # None: 1 if the cluster has GPUs, else 0
     gpus_per_actor: float | None = real(None, ge=0, le=4096)
     cpus_per_actor: float = real(1, gt=0, le=4096)
+    # deadline of each wait on the cluster: joining it, its actors starting (and building)
+    timeout_s: float = real(60.0, gt=0, le=86400)
 
 
 class ExtractConfig(Section):
