@@ -316,15 +316,12 @@ def predict(args: argparse.Namespace) -> None:
         from pipeline.winner.imagenet import backbone_of, top_classifier
 
         name, weights = backbone_of(args.project) if not args.backbone else (args.backbone, None)
-        classifier = top_classifier(name, args.weights or weights or "auto")
-        if classifier.note:
-            print(f"note: {classifier.note}", file=sys.stderr)
-        rows = winner.Classifier(
-            classifier, classifier.class_names, classifier.side, "bilinear", top_k=5
-        )
+        classifier, note = top_classifier(name, args.weights or weights or "auto")
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     else:
-        rows = winner.exported(args.project)
-    r = winner.predict_files(args.paths, rows, args.out, args.batch_size)
+        classifier = winner.exported(args.project)
+    r = winner.predict_files(args.paths, classifier, args.out, args.batch_size)
     print(
         f"predicted {r['images']} images ({r['per_second']:.1f} images/s), "
         f"{r['failed']} could not be read" + (f"; rows in {args.out}" if args.out else ""),

@@ -12,10 +12,10 @@ import importlib
 import io
 import os
 import socket
-import threading
 import warnings
 from pathlib import Path
 
+from pipeline.project.deadline import with_deadline
 from pipeline.project.errors import BackboneError
 from pipeline.project.params import weights_problem
 from pipeline.project.records import BackboneRecord, file_sha256
@@ -82,18 +82,12 @@ IMAGENET_HOST = "storage.googleapis.com"  # where keras.applications downloads i
 
 
 def reachable(host: str, seconds: float = 5.0) -> bool:
-    """Whether a TCP connection to `host`:443 opens within `seconds`, name lookup included
-    (which has no timeout of its own, hence the thread)."""
-    opened = []
-
-    def connect() -> None:
-        with contextlib.suppress(OSError), socket.create_connection((host, 443), seconds):
-            opened.append(True)
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return bool(opened)
+    """Whether a TCP connection to `host`:443 opens within `seconds`, name lookup included."""
+    try:
+        with_deadline(seconds, host, lambda: socket.create_connection((host, 443), seconds).close())
+    except OSError:  # TimeoutError included
+        return False
+    return True
 
 
 def keras_models_dir() -> Path:

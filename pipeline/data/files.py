@@ -13,14 +13,13 @@ reads (s3://, gs://, file://), listed by one rule.
 from __future__ import annotations
 
 import os
-import queue
 import stat
-import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline.project.deadline import with_deadline
 from pipeline.project.errors import InputError
 from pipeline.project.params import DataConfig
 
@@ -60,27 +59,6 @@ class Listing(NamedTuple):
 
     def sort(self) -> Listing:
         return Listing(*(sorted(part) for part in self))
-
-
-def with_deadline(seconds: float, what: str, call, *args):
-    """call(*args) on a daemon thread, waited for at most `seconds`: a filesystem client that
-    retries an unreachable host must not hang the stage (the thread is left behind)."""
-    box = queue.SimpleQueue()
-
-    def run() -> None:
-        try:
-            box.put((True, call(*args)))
-        except BaseException as exc:  # handed to the caller
-            box.put((False, exc))
-
-    threading.Thread(target=run, daemon=True, name=f"deadline: {what}").start()
-    try:
-        ok, value = box.get(timeout=seconds)
-    except queue.Empty:
-        raise TimeoutError(f"no answer within {seconds:g} s") from None
-    if not ok:
-        raise value
-    return value
 
 
 class Tree:

@@ -6,7 +6,6 @@ be downloaded; offline without it, classes are their indices and a note says so.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +20,10 @@ from pipeline.backbones.keras_apps import (
 )
 from pipeline.backbones.registry import get_backbone
 from pipeline.project.errors import BackboneError
+from pipeline.winner.predict import Classifier
 
 CLASS_INDEX = "imagenet_class_index.json"  # Keras's name for it in its cache
 CLASS_INDEX_MD5 = "c2c37ea517e94d9795004a39431a14cb"  # as keras's decode_predictions checks it
-
-
-@dataclass
-class TopClassifier:
-    """A batch of uint8 images at `side` -> probabilities over `class_names`."""
-
-    model: object
-    module: str
-    side: int
-    class_names: list[str]
-    note: str | None  # why the names are indices, when they are
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = preprocess(self.module, images.astype(np.float32))
-        return np.asarray(self.model.predict_on_batch(x))
 
 
 def class_names() -> tuple[list[str], str | None]:
@@ -60,9 +45,10 @@ def class_names() -> tuple[list[str], str | None]:
     )
 
 
-def top_classifier(name: str, weights: str) -> TopClassifier:
+def top_classifier(name: str, weights: str) -> tuple[Classifier, str | None]:
     """`name` (a keras.applications backbone) with its ImageNet top and `weights` (imagenet,
-    auto with Keras's file cached, or a .weights.h5 file saved with the top)."""
+    auto with Keras's file cached, or a .weights.h5 file saved with the top), rows listing the
+    5 most probable classes; and why the classes are indices, when they are."""
     spec = get_backbone(name)
     if isinstance(spec, HubBackbone):
         raise BackboneError(
@@ -79,7 +65,12 @@ def top_classifier(name: str, weights: str) -> TopClassifier:
         )
     model, _ = load_backbone(record, list(record.layers))
     names, note = class_names()
-    return TopClassifier(model, record.module, side, names, note)
+
+    def predict_batch(images: np.ndarray) -> np.ndarray:
+        x = preprocess(record.module, images.astype(np.float32))
+        return np.asarray(model.predict_on_batch(x))
+
+    return Classifier(predict_batch, names, side, "bilinear", top_k=5), note
 
 
 def backbone_of(project: Path) -> tuple[str, str]:
