@@ -1,6 +1,7 @@
 """Stage `train` (one head of the DVC matrix): `python -m pipeline.train --head H` fits the
-head on every layer in train.layers (default: every extracted layer). Under `dvc repro` the
-head comes from the stage's name (DVC_STAGE, `train@H`), never through the shell."""
+head on every layer in train.layers (default: every extracted layer), or, when train.heads
+does not list it, writes only a note saying so. Under `dvc repro` the head comes from the
+stage's name (DVC_STAGE, `train@H`), never through the shell."""
 
 import os
 
@@ -9,7 +10,7 @@ from pipeline.project.errors import InputError
 from pipeline.project.params import load_params
 from pipeline.project.provenance import expected_features
 from pipeline.project.stage import run_stage
-from pipeline.selection.cells import train_head
+from pipeline.selection.cells import is_listed, skip_head, train_head
 from pipeline.selection.params import TrainParams
 
 
@@ -38,6 +39,10 @@ def head_of(args) -> str:
 def main(args) -> None:
     head = head_of(args)
     params = load_params(TrainParams)
+    if not is_listed(head, params.train):
+        skip_head(head)
+        print(f"train@{head}: not in train.heads; nothing trained")
+        return
     train_head(head, params.train, expected_features(params))
 
 

@@ -15,6 +15,8 @@ import yaml
 from conftest import dvc, dvc_repo, ran, subprocess_env
 from PIL import Image
 
+from pipeline.heads.registry import HEAD_NAMES
+
 STAGES = ("scan", "prepare", "extract", "train", "select", "finetune", "evaluate", "export")
 NOISE = re.compile(r"absl|cuInit|cuda|oneDNN|cpu_feature_guard|^[IWE]0000 ", re.I | re.M)
 LAYERWISE = Path(sys.executable).parent / "layerwise"  # the console script pyproject declares
@@ -150,9 +152,8 @@ def test_help_of_every_stage_runs_nothing(initialised):
 def test_dvc_sees_one_pipeline_in_a_repo_holding_the_package(tmp_path):
     """The package's templates for `layerwise init` must not be collected as a second
     pipeline (it made `dvc exp run` check out outputs under pipeline/templates/)."""
-    root = dvc_repo(tmp_path / "repo", {})
-    heads = yaml.safe_load((root / "params.yaml").read_text())["train"]["heads"]
-    expected = {s for s in STAGES if s != "train"} | {f"train@{h}" for h in heads}
+    root = dvc_repo(tmp_path / "repo", {"train": {"heads": ["logreg"]}})
+    expected = {s for s in STAGES if s != "train"} | {f"train@{h}" for h in HEAD_NAMES}
     listed = dvc(root, "stage", "list", "--all", "--name-only").split()
     assert sorted(listed) == sorted(expected)
 

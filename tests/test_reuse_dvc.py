@@ -7,6 +7,7 @@ that start from the same reproduced one get a copy of it.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import dvc, dvc_repo, ran, restored, sh
+
+from pipeline.project.layout import NOT_LISTED
 
 SMALL = {
     "data": {"image_size": 32, "limit": 60},
@@ -87,6 +90,45 @@ def test_a_param_that_would_escape_the_repo_fails_before_dvc_deletes_anything(tm
     assert "layer name '../../x' is not a Keras layer name" in output
     assert not ran(output) - {"scan"}
     assert (victim / "precious.txt").read_text() == "keep me"
+
+
+def test_a_head_listed_or_dropped_trains_that_head_alone(tmp_path, small_reproduced):
+    """The train@<head> stages are every head of the registry; each depends on scan's record
+    of whether train.heads lists it, so listing one trains it and retrains no other, and
+    dropping it again restores its note from the run-cache."""
+    root = copy_of(small_reproduced, tmp_path / "repo")
+    note = root / "models" / "heads" / "knn" / NOT_LISTED
+    assert note.is_file() and (root / "metrics" / "train" / "knn" / NOT_LISTED).is_file()
+    output = dvc(root, "exp", "run", "-S", "train.heads=[logreg,knn]")
+    assert {s for s in ran(output) if s.startswith("train@")} == {"train@knn"}, output
+    assert not note.exists()
+    heads = {row["head"] for row in csv.DictReader((root / "reports/leaderboard.csv").open())}
+    assert heads == {"logreg", "knn"}
+
+    output = dvc(root, "exp", "run", "-S", "train.heads=[logreg]")
+    assert "train@knn" in restored(output) and not ran(output) - {"scan", "select"}, output
+    assert note.is_file()
+
+
+def test_stages_run_alone_after_train_heads_changed_refuse_in_one_line(tmp_path, small_reproduced):
+    """`dvc repro -s` skips scan, so train@knn's record still says knn is not listed: DVC
+    skips the stage, a forced run refuses, select names what to run."""
+    root = copy_of(small_reproduced, tmp_path / "repo")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("- logreg\n", "- logreg\n  - knn\n", 1))
+
+    def refusal(*args: str) -> str:
+        output = dvc(root, "repro", "-s", *args, check=False)
+        assert "Traceback" not in output
+        [line] = [x for x in output.splitlines() if x.startswith(f"{args[-1].split('@')[0]}: ")]
+        return line
+
+    line = refusal("-f", "train@knn")
+    assert "train.heads lists knn since scan ran" in line and "dvc repro train@knn" in line
+    line = refusal("select")
+    assert "block5_pool-knn.json not found" in line and "dvc repro train@knn" in line, line
+    assert "train@knn" in ran(dvc(root, "repro", "train@knn"))
+    assert not (root / "models" / "heads" / "knn" / NOT_LISTED).exists()
 
 
 def test_folder_source_changes_rerun_prepare(tmp_path, make_image_folder):

@@ -14,6 +14,7 @@ SPLITS = ("train", "val", "test")
 # What a cell's model file is called, by the kind of head (heads.registry.Head.kind).
 MODEL_FILES = {"sklearn": "model.joblib", "keras": "model.keras"}
 HEAD_RECORD = "head.json"
+NOT_LISTED = "not_listed.txt"
 
 
 def cell(layer: str, head: str) -> str:
@@ -68,6 +69,13 @@ class Layout:
     def backbone_record(self) -> Path:
         return self.scan / "backbone.json"
 
+    @property
+    def head_listings(self) -> Path:
+        return self.scan / "heads"
+
+    def head_listing(self, head: str) -> Path:
+        return self.head_listings / f"{head}.json"
+
     def library_record(self, distribution: str) -> Path:
         return self.scan / f"{distribution}.json"
 
@@ -108,6 +116,10 @@ class Layout:
 
     def cell_metrics(self, layer: str, head: str) -> Path:
         return self.train_metrics / head / f"{cell(layer, head)}.json"
+
+    def not_listed(self, head: str) -> tuple[Path, Path]:
+        """What the `train@<head>` stage of a head train.heads does not list writes: a note."""
+        return tuple(root / head / NOT_LISTED for root in (self.heads, self.train_metrics))
 
     # ------------------------------------------------------------ select
     @property

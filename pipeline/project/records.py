@@ -141,6 +141,14 @@ class BackboneRecord(Record):
         return self.model_dump(mode="json", exclude={"asked_layers", "layers"})
 
 
+class HeadListing(Record):
+    """data/scan/heads/<head>.json: whether train.heads lists the head. Its train@<head>
+    stage depends on this file, not on the list, so listing another head re-runs nothing."""
+
+    head: str
+    listed: bool
+
+
 class LibraryRecord(Record):
     """data/scan/<distribution>.json: the installed version of a library stages depend on."""
 

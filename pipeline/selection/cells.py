@@ -15,8 +15,9 @@ from pipeline.heads.blocks import Plan
 from pipeline.heads.fit import fit_head, predict
 from pipeline.heads.registry import get_head
 from pipeline.heads.saved import expected_head, save_model
+from pipeline.project.errors import InputError
 from pipeline.project.layout import HEAD_RECORD, Layout
-from pipeline.project.records import CellMetrics, HeadRecord, file_sha256
+from pipeline.project.records import CellMetrics, HeadListing, HeadRecord, file_sha256
 from pipeline.selection.crossval import (
     Selection,
     choose_selection,
@@ -140,14 +141,38 @@ def train_cell(
     return result
 
 
+def is_listed(head: str, cfg: TrainConfig, layout: Layout = Layout()) -> bool:
+    """Whether train.heads lists `head`, as scan last recorded it for DVC; a run after the list
+    changed without scan (by hand, or `dvc repro -f -s`) is refused: DVC's record would lie."""
+    listed = head in cfg.heads
+    if HeadListing.read(layout.head_listing(head), "dvc repro scan").listed != listed:
+        raise InputError(
+            f"train.heads {'lists' if listed else 'no longer lists'} {head} since scan ran: "
+            f"run `dvc repro train@{head}` (scan first, not -s)"
+        )
+    return listed
+
+
+def clear_head(head: str, layout: Layout = Layout()) -> None:
+    for root in (layout.heads, layout.train_metrics):
+        shutil.rmtree(root / head, ignore_errors=True)
+
+
+def skip_head(head: str, layout: Layout = Layout()) -> None:
+    """The outputs of a head train.heads does not list: a note in each of its folders."""
+    clear_head(head, layout)
+    for note in layout.not_listed(head):
+        note.parent.mkdir(parents=True)
+        note.write_text(f"{head} is not in train.heads: nothing trained\n")
+
+
 def train_head(
     head: str, cfg: TrainConfig, expect: dict | None, layout: Layout = Layout()
 ) -> list[CellMetrics]:
     """Train `head` on each of train.layers (null: every extracted layer); the head's folders
     hold these cells and nothing else."""
     layers = cfg.layers_of(open_splits(layout, expect)["train"].fingerprint.layers)
-    for root in (layout.heads, layout.train_metrics):
-        shutil.rmtree(root / head, ignore_errors=True)
+    clear_head(head, layout)
     return [train_cell(layer, head, cfg, expect, layout) for layer in layers]
 
 
