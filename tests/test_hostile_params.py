@@ -24,6 +24,9 @@ def test_a_head_name_is_never_a_stage_even_when_scan_is_skipped(tmp_path, head):
     with the old `matrix: ${train.heads}`)."""
     params = deep_merge(SMALL_PARAMS, {"train": {"heads": ["logreg", head], head: {}}})
     root = dvc_repo(tmp_path / "repo", params)
+    for dep in ("features/train.h5", "data/scan/keras.json", "data/scan/scikit-learn.json"):
+        (root / dep).parent.mkdir(parents=True, exist_ok=True)
+        (root / dep).write_text("{}")  # present, so that DVC would run such a stage's command
     tracked = root / "tracked.txt"
     tracked.write_text("keep me")
     sh(root, "git", "add", "tracked.txt")
