@@ -138,8 +138,8 @@ def load_backbone(backbone: BackboneRecord, layers: list[str]):
         model, used = made(None), "random"
     elif weights in ("imagenet", "auto"):
         # offline, a file Keras has cached loads; else its "Downloading data from" line would
-        # precede the failure
-        quiet = io.StringIO() if not reachable(IMAGENET_HOST) else None
+        # precede the failure (auto got here cached, or with the host reachable)
+        quiet = io.StringIO() if weights == "imagenet" and not reachable(IMAGENET_HOST) else None
         try:
             with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
                 model, used = made("imagenet"), "imagenet"
